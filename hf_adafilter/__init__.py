@@ -1,3 +1,46 @@
-"""AdaFilter: adaptive per-example filter fine-tuning for Hugging Face vision backbones."""
+"""AdaFilter: adaptive per-example filter fine-tuning for Hugging Face vision backbones.
+
+Importing the package registers the model with transformers' Auto classes.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+
+from .configuration_adafilter import AdaFilterConfig
+from .modeling_adafilter import (
+    BACKBONE_RESOLVERS,
+    AdaFilterForImageClassification,
+    AdaFilterImageClassifierOutput,
+    AdaFilterModel,
+    AdaFilterModelOutput,
+    AdaFilterPreTrainedModel,
+)
+from .pretrained import is_packaged_backbone, packaged_backbone_path
 
 __version__ = "0.1.0"
+
+AutoConfig.register(AdaFilterConfig.model_type, AdaFilterConfig, exist_ok=True)
+AutoModel.register(AdaFilterConfig, AdaFilterModel, exist_ok=True)
+AutoModelForImageClassification.register(AdaFilterConfig, AdaFilterForImageClassification, exist_ok=True)
+
+
+def _resolve_packaged_backbone(name: str) -> str | None:
+    return str(packaged_backbone_path(name)) if is_packaged_backbone(name) else None
+
+
+if _resolve_packaged_backbone not in BACKBONE_RESOLVERS:
+    BACKBONE_RESOLVERS.append(_resolve_packaged_backbone)
+# Saving then also writes the remote-code files, so the checkpoint loads where this package is not installed.
+AdaFilterConfig.register_for_auto_class("AutoConfig")
+AdaFilterModel.register_for_auto_class("AutoModel")
+AdaFilterForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+
+__all__ = [
+    "AdaFilterConfig",
+    "AdaFilterForImageClassification",
+    "AdaFilterImageClassifierOutput",
+    "AdaFilterModel",
+    "AdaFilterModelOutput",
+    "AdaFilterPreTrainedModel",
+    "is_packaged_backbone",
+    "packaged_backbone_path",
+]

@@ -1,0 +1,182 @@
+"""Which modules of each backbone family get gated, and how.
+
+Travels to the Hub as remote code: relative imports only, nothing beyond torch/transformers.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class BackboneFamily:
+    """What AdaFilter needs to know about one transformers vision backbone family."""
+
+    model_type: str
+    # Regexes (full match on module names) left ungated by default: the stem and squeeze-excite convs.
+    default_exclude: tuple[str, ...]
+    # Conv attribute -> attribute of the BatchNorm (same parent) that normalises exactly its output.
+    norm_after: Mapping[str, str] = field(default_factory=dict)
+    # Size of the backbone's pooled feature vector.
+    feature_size: Callable[[nn.Module], int] = lambda backbone: backbone.config.hidden_sizes[-1]
+    # Dropout of the family's own classification head.
+    classifier_dropout: Callable[[object], float] = lambda config: 0.0
+    # Whether pointwise nn.Linear layers (channels-last convs) are gated too.
+    gate_linear: bool = False
+    # Fixes applied to a freshly built backbone before any layer is gated.
+    prepare: Callable[[nn.Module], None] = lambda backbone: None
+
+
+def sync_batchnorm_momentum(model: nn.Module) -> nn.Module:
+    """Gives every BatchNorm the config's momentum.
+
+    transformers builds EfficientNet's expansion BatchNorm without `momentum=config.batch_norm_momentum`, so those
+    layers keep PyTorch's 0.1 (ten times the 0.01 of all the others) and forget their statistics when fine-tuned.
+    """
+    momentum = model.config.batch_norm_momentum
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = momentum
+    return model
+
+
+FAMILIES: dict[str, BackboneFamily] = {
+    family.model_type: family
+    for family in (
+        BackboneFamily(
+            model_type="resnet",
+            default_exclude=(r"embedder\..*",),
+            norm_after={"convolution": "normalization"},
+        ),
+        BackboneFamily(
+            model_type="efficientnet",
+            default_exclude=(r"embeddings\..*", r".*\.squeeze_excite\..*"),
+            norm_after={
+                "expand_conv": "expand_bn",
+                "depthwise_conv": "depthwise_norm",
+                "project_conv": "project_bn",
+                "top_conv": "top_bn",
+                "convolution": "batchnorm",
+            },
+            feature_size=lambda backbone: backbone.encoder.top_conv.out_channels,
+            classifier_dropout=lambda config: config.dropout_rate,
+            prepare=sync_batchnorm_momentum,
+        ),
+        BackboneFamily(
+            model_type="convnext",
+            default_exclude=(r"embeddings\..*",),
+            gate_linear=True,
+        ),
+        BackboneFamily(
+            model_type="regnet",
+            default_exclude=(r"embedder\..*", r".*\.attention\.\d+"),
+            norm_after={"convolution": "normalization"},
+        ),
+        BackboneFamily(
+            model_type="mobilenet_v2",
+            default_exclude=(r"conv_stem\..*",),
+            norm_after={"convolution": "normalization"},
+            feature_size=lambda backbone: backbone.conv_1x1.convolution.out_channels,
+            classifier_dropout=lambda config: config.classifier_dropout_prob,
+        ),
+        BackboneFamily(
+            model_type="bit",
+            default_exclude=(r"embedder\..*",),
+        ),
+    )
+}
+SUPPORTED_FAMILIES: tuple[str, ...] = tuple(FAMILIES)
+
+
+def get_family(model_type: str) -> BackboneFamily:
+    try:
+        return FAMILIES[model_type]
+    except KeyError:
+        raise ValueError(
+            f"Backbone model_type {model_type!r} is not supported by AdaFilter. "
+            f"Supported backbone families: {', '.join(SUPPORTED_FAMILIES)}."
+        ) from None
+
+
+@dataclass
+class GateTarget:
+    """One module to gate, with the BatchNorm that directly follows it (if any)."""
+
+    name: str
+    parent: nn.Module
+    attribute: str
+    module: nn.Module
+    norm_name: str | None = None
+
+
+def _fullmatch_any(patterns: Sequence[str], name: str) -> bool:
+    return any(re.fullmatch(pattern, name) for pattern in patterns)
+
+
+def _is_gateable(module: nn.Module, family: BackboneFamily) -> bool:
+    return isinstance(module, nn.Conv2d) or (family.gate_linear and isinstance(module, nn.Linear))
+
+
+def find_gate_targets(
+    backbone: nn.Module,
+    family: BackboneFamily,
+    target_modules: Sequence[str] | None = None,
+    exclude_modules: Sequence[str] | None = None,
+) -> list[GateTarget]:
+    """Walks the backbone in registration order (as PEFT injects adapters) and picks the layers to gate."""
+    modules = dict(backbone.named_modules())
+    targets = []
+    for name, module in modules.items():
+        if not name:
+            continue
+        if target_modules is not None:
+            if not _fullmatch_any(target_modules, name):
+                continue
+            if not _is_gateable(module, family):
+                raise ValueError(
+                    f"target_modules matched {name!r}, a {type(module).__name__}; AdaFilter gates only "
+                    f"nn.Conv2d{' and nn.Linear' if family.gate_linear else ''} layers of a {family.model_type} "
+                    "backbone. Narrow the regex."
+                )
+        elif not _is_gateable(module, family) or _fullmatch_any(family.default_exclude, name):
+            continue
+        if exclude_modules and _fullmatch_any(exclude_modules, name):
+            continue
+        parent_name, _, attribute = name.rpartition(".")
+        parent = modules[parent_name]
+        targets.append(
+            GateTarget(name, parent, attribute, module, _following_norm(parent, attribute, module, family))
+        )
+    if not targets:
+        examples = [n for n, m in modules.items() if _is_gateable(m, family)][:5]
+        raise ValueError(
+            f"No {family.model_type} layer matched target_modules={list(target_modules or [])!r} "
+            f"(exclude_modules={list(exclude_modules or [])!r}). Gateable layers look like: {examples}."
+        )
+    return targets
+
+
+def _following_norm(
+    parent: nn.Module, attribute: str, module: nn.Module, family: BackboneFamily
+) -> str | None:
+    norm_attribute = family.norm_after.get(attribute)
+    if norm_attribute is None:
+        return None
+    norm = getattr(parent, norm_attribute, None)
+    if isinstance(norm, nn.BatchNorm2d) and norm.num_features == module.out_channels:
+        return norm_attribute
+    return None
+
+
+def find_classifier_linear(classifier: nn.Module | None) -> nn.Linear | None:
+    """The Linear inside a family's classification head (some wrap it with Flatten or Dropout)."""
+    if classifier is None:
+        return None
+    if isinstance(classifier, nn.Linear):
+        return classifier
+    linears = [m for m in classifier.modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if len(linears) == 1 else None

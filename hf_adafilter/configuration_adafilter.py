@@ -1,0 +1,143 @@
+"""AdaFilter configuration.
+
+Travels to the Hub as remote code: relative imports only, nothing beyond torch/transformers.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, ClassVar
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+from .backbones import SUPPORTED_FAMILIES
+
+GATE_NETWORKS = ("lstm", "gru", "independent")
+
+
+class AdaFilterConfig(PreTrainedConfig):
+    r"""
+    Configuration of an AdaFilter model: a CNN backbone whose selected layers keep two filter banks (the frozen
+    pre-trained filters and a trainable copy) mixed per example and per output filter by a recurrent gate network.
+
+    Args:
+        backbone_config (`dict` or `PreTrainedConfig`, *optional*):
+            Full config of the wrapped backbone (its `model_type` picks the family). Defaults to a ResNet-50-shaped
+            `ResNetConfig`, the paper's backbone. Never pass `backbone=`: that makes transformers contact the Hub;
+            use `AdaFilterForImageClassification.from_backbone` to start from pretrained weights.
+        backbone_name_or_path (`str`, *optional*):
+            Where the pretrained backbone came from (Hub id, local path or a packaged alias). Recorded for model cards
+            and compact checkpoints; not used to build the model.
+        gate_network (`str`, *optional*, defaults to `"lstm"`):
+            `"lstm"` (the paper's recurrent gate network), `"gru"`, or `"independent"` (the paper's no-RNN ablation:
+            every layer decides from its own input only).
+        gate_input_size (`int`, *optional*, defaults to 64):
+            Size the pooled input of every gated layer is projected to before it enters the recurrent cell.
+        gate_hidden_size (`int`, *optional*, defaults to 64):
+            Hidden size of the shared recurrent cell.
+        gumbel_temperature (`float`, *optional*, defaults to 1.0):
+            Initial temperature of the straight-through Gumbel-softmax used in training (annealed by the trainer).
+        gated_norm (`bool`, *optional*, defaults to `True`):
+            Normalise the two banks by separate BatchNorms before mixing (the paper's gated batch norm). `False` is
+            the paper's ablation: one BatchNorm after mixing.
+        target_modules (`str` or `list[str]`, *optional*):
+            Regexes (full match on backbone module names) of the convolutions / linears to gate. `None` uses the
+            family default: every conv except the stem and squeeze-excite.
+        exclude_modules (`str` or `list[str]`, *optional*):
+            Regexes of modules never to gate, applied after `target_modules`.
+        classifier_dropout (`float`, *optional*):
+            Dropout before the classification head; `None` takes the backbone family's own classifier dropout.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the initialisation of the gate network and head.
+    """
+
+    model_type = "adafilter"
+    sub_configs_defaults = {"backbone_config": SubConfigSpec(config_class=AutoConfig, model_type="resnet")}
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["gates", "gate_probs", "hidden_states"]
+
+    backbone_config: dict | PreTrainedConfig | None = None
+    backbone_name_or_path: str | None = None
+    gate_network: str = "lstm"
+    gate_input_size: int = 64
+    gate_hidden_size: int = 64
+    gumbel_temperature: float | int = 1.0
+    gated_norm: bool = True
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    classifier_dropout: float | int | None = None
+    initializer_range: float | int = 0.02
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        if kwargs.get("backbone") is not None:
+            raise ValueError(
+                "AdaFilterConfig does not take `backbone=` (transformers would contact the Hub to resolve it). "
+                "Pass `backbone_config=`, or build from pretrained weights with "
+                "`AdaFilterForImageClassification.from_backbone(name_or_path)`."
+            )
+        if isinstance(self.backbone_config, dict) and "model_type" not in self.backbone_config:
+            raise ValueError(
+                "AdaFilterConfig.backbone_config needs a `model_type` key; one of: "
+                + ", ".join(SUPPORTED_FAMILIES)
+            )
+        super().__post_init__(**kwargs)
+        self._validate_adafilter_fields()
+
+    def _validate_adafilter_fields(self) -> None:
+        family = self.backbone_config.model_type
+        if family not in SUPPORTED_FAMILIES:
+            raise ValueError(
+                f"AdaFilterConfig.backbone_config has model_type {family!r}, which AdaFilter does not support. "
+                f"Supported backbone families: {', '.join(SUPPORTED_FAMILIES)}."
+            )
+        if self.gate_network not in GATE_NETWORKS:
+            raise ValueError(
+                f"AdaFilterConfig.gate_network must be one of {', '.join(map(repr, GATE_NETWORKS))}, "
+                f"got {self.gate_network!r}."
+            )
+        for name in ("gate_input_size", "gate_hidden_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"AdaFilterConfig.{name} must be a positive integer, got {value!r}.")
+        self.gumbel_temperature = _positive_float("gumbel_temperature", self.gumbel_temperature)
+        self.initializer_range = _positive_float("initializer_range", self.initializer_range)
+        if self.classifier_dropout is not None:
+            dropout = _float("classifier_dropout", self.classifier_dropout)
+            if not 0.0 <= dropout < 1.0:
+                raise ValueError(f"AdaFilterConfig.classifier_dropout must be in [0, 1), got {dropout!r}.")
+            self.classifier_dropout = dropout
+        if not isinstance(self.gated_norm, bool):
+            raise ValueError(f"AdaFilterConfig.gated_norm must be True or False, got {self.gated_norm!r}.")
+        for name in ("target_modules", "exclude_modules"):
+            setattr(self, name, _regex_list(name, getattr(self, name)))
+
+
+def _float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"AdaFilterConfig.{name} must be a number, got {value!r}.")
+    return float(value)
+
+
+def _positive_float(name: str, value: Any) -> float:
+    value = _float(name, value)
+    if not value > 0:
+        raise ValueError(f"AdaFilterConfig.{name} must be > 0, got {value!r}.")
+    return value
+
+
+def _regex_list(name: str, value: Any) -> list[str] | None:
+    """Normalises to a list (so the JSON round trip is exact) and compiles each pattern to fail early."""
+    if value is None:
+        return None
+    patterns = [value] if isinstance(value, str) else value
+    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
+        raise ValueError(f"AdaFilterConfig.{name} must be a regex string or a list of them, got {value!r}.")
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(f"AdaFilterConfig.{name} has an invalid regex {pattern!r}: {error}.") from None
+    return list(patterns)
+
+
+__all__ = ["AdaFilterConfig"]

@@ -1,0 +1,112 @@
+"""The gate controller: one recurrent network shared by all gated layers of a model.
+
+Travels to the Hub as remote code: relative imports only, nothing beyond torch/transformers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+# Keeps log(u) and log(1 - u) finite for the logistic noise.
+_NOISE_EPS = 1e-6
+
+
+def straight_through_gates(log_odds: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hard 0/1 samples whose gradient is that of the relaxed (Gumbel-softmax) sample.
+
+    With two classes, Gumbel-softmax over logits (a, b) equals sigmoid((b - a + L) / t) with L ~ Logistic(0, 1),
+    so one noise draw per filter suffices. `hard + (soft - soft.detach())` is exactly 0 or 1 in value (x - x == 0),
+    unlike `hard - soft.detach() + soft`, which can round to 0.99999994.
+    """
+    uniform = torch.rand_like(log_odds).clamp_(_NOISE_EPS, 1.0 - _NOISE_EPS)
+    noisy = log_odds + torch.log(uniform) - torch.log1p(-uniform)
+    soft = torch.sigmoid(noisy / temperature)
+    hard = (noisy > 0).to(soft.dtype)
+    return hard + (soft - soft.detach())
+
+
+class GateController(nn.Module):
+    """Decides, per example and per output filter of every gated layer, which bank to use.
+
+    Gated layers call it in the order the backbone runs them; each call steps the shared recurrent cell once, so a
+    layer's decisions depend on what earlier layers saw and chose (the paper's LSTM gate network). The model resets
+    it at the start of every forward.
+    """
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        out_channels: Sequence[int],
+        network: str = "lstm",
+        input_size: int = 64,
+        hidden_size: int = 64,
+        temperature: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.network = network
+        self.out_channels = tuple(out_channels)
+        self.input_projections = nn.ModuleList(nn.Linear(channels, input_size) for channels in in_channels)
+        if network == "lstm":
+            self.cell: nn.Module | None = nn.LSTMCell(input_size, hidden_size)
+        elif network == "gru":
+            self.cell = nn.GRUCell(input_size, hidden_size)
+        elif network == "independent":
+            self.cell = None
+        else:
+            raise ValueError(f"gate network must be 'lstm', 'gru' or 'independent', got {network!r}.")
+        head_size = input_size if self.cell is None else hidden_size
+        # Two logits per filter: keep the pre-trained filter, or use the fine-tuned one.
+        self.heads = nn.ModuleList(nn.Linear(head_size, 2 * channels) for channels in out_channels)
+        self.temperature = float(temperature)
+        self.forced_value: float | None = None
+        self.reset()
+
+    def __len__(self) -> int:
+        return len(self.heads)
+
+    def reset(self) -> None:
+        self._state: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None
+        self._gates: list[torch.Tensor | None] = [None] * len(self)
+        self._probs: list[torch.Tensor | None] = [None] * len(self)
+
+    def forward(self, index: int, pooled: torch.Tensor) -> torch.Tensor:
+        """Gates (batch, out_channels) of layer `index`, exactly 0.0 or 1.0, from its pooled input."""
+        if self.forced_value is not None:
+            gates = pooled.new_full((pooled.shape[0], self.out_channels[index]), self.forced_value)
+            self._gates[index] = gates
+            return gates
+        features = self.input_projections[index](pooled)
+        if isinstance(self.cell, nn.LSTMCell):
+            self._state = self.cell(features, self._state)
+            features = self._state[0]
+        elif isinstance(self.cell, nn.GRUCell):
+            self._state = features = self.cell(features, self._state)
+        else:
+            features = torch.relu(features)
+        logits = self.heads[index](features).unflatten(-1, (-1, 2))
+        log_odds = logits[..., 1] - logits[..., 0]
+        if self.training:
+            gates = straight_through_gates(log_odds, self.temperature)
+            self._probs[index] = torch.sigmoid(log_odds)
+        else:
+            gates = (log_odds > 0).to(log_odds.dtype)
+        self._gates[index] = gates
+        return gates
+
+    def collect(
+        self, names: Sequence[str]
+    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None]:
+        """The decisions of this forward, in gated-layer order, and a reset; fails if a gated layer never ran."""
+        missing = [name for name, gates in zip(names, self._gates, strict=True) if gates is None]
+        if missing:
+            raise RuntimeError(
+                f"Gated layers {missing[:3]} did not run in this forward; AdaFilter needs every gated layer "
+                "to run exactly once per forward. Exclude them with `exclude_modules`."
+            )
+        gates = tuple(self._gates)
+        probs = tuple(self._probs) if all(p is not None for p in self._probs) else None
+        self.reset()
+        return gates, probs

@@ -1,0 +1,436 @@
+"""AdaFilter models: a transformers CNN backbone whose selected layers are gated filter layers.
+
+Travels to the Hub as remote code: relative imports only, nothing beyond torch/transformers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
+from transformers import initialization as init
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPoolingAndNoAttention,
+    ImageClassifierOutputWithNoAttention,
+)
+
+from .backbones import find_classifier_linear, find_gate_targets, get_family
+from .configuration_adafilter import AdaFilterConfig
+from .gating import GateController
+from .layers import GatedLayer
+
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+# Saved configs carry all three entries, so remote code resolves AutoConfig, AutoModel and the classifier alike
+# (`register_for_auto_class` alone records only the saved class's own auto class).
+AUTO_MAP = {
+    "AutoConfig": "configuration_adafilter.AdaFilterConfig",
+    "AutoModel": "modeling_adafilter.AdaFilterModel",
+    "AutoModelForImageClassification": "modeling_adafilter.AdaFilterForImageClassification",
+}
+
+
+@dataclass
+class AdaFilterModelOutput(BaseModelOutputWithPoolingAndNoAttention):
+    r"""
+    gates (`tuple(torch.FloatTensor)`):
+        One tensor of shape `(batch_size, out_channels)` per gated layer (in `model.gated_layer_names` order): 1.0
+        where the example used the fine-tuned filter, 0.0 where it used the pre-trained one.
+    gate_probs (`tuple(torch.FloatTensor)`, *optional*, returned in training):
+        The gate network's probability of choosing the fine-tuned filter, same shapes as `gates`.
+    """
+
+    gates: tuple[torch.FloatTensor, ...] | None = None
+    gate_probs: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class AdaFilterImageClassifierOutput(ImageClassifierOutputWithNoAttention):
+    r"""
+    gates (`tuple(torch.FloatTensor)`):
+        One tensor of shape `(batch_size, out_channels)` per gated layer: 1.0 = fine-tuned filter, 0.0 = pre-trained.
+    gate_probs (`tuple(torch.FloatTensor)`, *optional*, returned in training):
+        The gate network's probability of choosing the fine-tuned filter, same shapes as `gates`.
+    """
+
+    gates: tuple[torch.FloatTensor, ...] | None = None
+    gate_probs: tuple[torch.FloatTensor, ...] | None = None
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, _NORM_TYPES) or "LayerNorm" in type(module).__name__
+
+
+class AdaFilterPreTrainedModel(PreTrainedModel):
+    config: AdaFilterConfig
+    config_class = AdaFilterConfig
+    base_model_prefix = "adafilter"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    # The loss is a plain mean over the batch: let the Trainer scale it for gradient accumulation.
+    accepts_loss_kwargs = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, (nn.LSTMCell, nn.GRUCell)):
+            bound = module.hidden_size**-0.5
+            for parameter in module.parameters():
+                init.uniform_(parameter, -bound, bound)
+
+    def initialize_weights(self) -> None:
+        """The backbone's own init also runs over both banks; re-copy the pre-trained bank so they start equal."""
+        super().initialize_weights()
+        for module in self.modules():
+            if isinstance(module, AdaFilterModel):
+                module.sync_finetuned_bank()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # transformers recreates parameters with requires_grad=True on load: freezing done in __init__ is lost.
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.freeze_pretrained_bank()
+        return loaded
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if self._auto_class is not None:
+            self.config.auto_map = dict(AUTO_MAP)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def freeze_pretrained_bank(self) -> None:
+        """Trainable: fine-tuned bank, norms, gate network, head. Frozen: pre-trained bank and ungated filters."""
+        for module in self.modules():
+            if isinstance(module, AdaFilterModel):
+                module.apply_trainability()
+
+
+class AdaFilterModel(AdaFilterPreTrainedModel):
+    def __init__(self, config: AdaFilterConfig) -> None:
+        super().__init__(config)
+        self.family = get_family(config.backbone_config.model_type)
+        self.backbone = AutoModel.from_config(config.backbone_config)
+        self.family.prepare(self.backbone)
+        targets = find_gate_targets(self.backbone, self.family, config.target_modules, config.exclude_modules)
+        self.gate_controller = GateController(
+            in_channels=[_channels(t.module)[0] for t in targets],
+            out_channels=[_channels(t.module)[1] for t in targets],
+            network=config.gate_network,
+            input_size=config.gate_input_size,
+            hidden_size=config.gate_hidden_size,
+            temperature=config.gumbel_temperature,
+        )
+        self._gated: dict[str, GatedLayer] = {}
+        # Backbone key of each bank's source tensors, for loading plain backbone checkpoints into both banks.
+        self._source_modules: dict[str, str] = {}
+        for index, target in enumerate(targets):
+            norm = getattr(target.parent, target.norm_name) if target.norm_name else None
+            layer = GatedLayer(target.module, norm, gated_norm=config.gated_norm)
+            layer.attach(self.gate_controller, index)
+            setattr(target.parent, target.attribute, layer)
+            self._source_modules[f"{target.name}.base_layer"] = target.name
+            self._source_modules[f"{target.name}.finetuned_layer"] = target.name
+            if target.norm_name:
+                # The layer owns the norm now; the parent's slot becomes a no-op.
+                setattr(target.parent, target.norm_name, nn.Identity())
+                norm_source = f"{target.name.rpartition('.')[0]}.{target.norm_name}".lstrip(".")
+                self._source_modules[f"{target.name}.base_norm"] = norm_source
+                if layer.finetuned_norm is not None:
+                    self._source_modules[f"{target.name}.finetuned_norm"] = norm_source
+            self._gated[target.name] = layer
+        self.num_features = self.family.feature_size(self.backbone)
+        self.post_init()
+        self.apply_trainability()
+
+    @property
+    def gated_layer_names(self) -> list[str]:
+        return list(self._gated)
+
+    @property
+    def gated_layers(self) -> dict[str, GatedLayer]:
+        return dict(self._gated)
+
+    def set_gumbel_temperature(self, temperature: float) -> None:
+        if not temperature > 0:
+            raise ValueError(f"Gumbel temperature must be > 0, got {temperature!r}.")
+        self.gate_controller.temperature = float(temperature)
+
+    @contextlib.contextmanager
+    def forced_gates(self, value: float | None) -> Iterator[None]:
+        """Every gate set to `value` (0.0: pre-trained bank only, 1.0: fine-tuned bank only) inside the block."""
+        previous, self.gate_controller.forced_value = self.gate_controller.forced_value, value
+        try:
+            yield
+        finally:
+            self.gate_controller.forced_value = previous
+
+    def gate_parameters(self) -> Iterator[nn.Parameter]:
+        return self.gate_controller.parameters()
+
+    def apply_trainability(self) -> None:
+        for module in self.backbone.modules():
+            if isinstance(module, GatedLayer):
+                continue
+            trainable = _is_norm(module)
+            for parameter in module.parameters(recurse=False):
+                parameter.requires_grad_(trainable)
+        for layer in self._gated.values():
+            layer.base_layer.requires_grad_(False)
+            layer.finetuned_layer.requires_grad_(True)
+            for norm in (layer.base_norm, layer.finetuned_norm):
+                if norm is not None:
+                    norm.requires_grad_(True)
+        self.gate_controller.requires_grad_(True)
+
+    @torch.no_grad()
+    def sync_finetuned_bank(self) -> None:
+        """Copies the pre-trained bank (and its norm) into the fine-tuned one; skips tensors already loaded."""
+        for layer in self._gated.values():
+            pairs = [(layer.finetuned_layer, layer.base_layer)]
+            if layer.finetuned_norm is not None:
+                pairs.append((layer.finetuned_norm, layer.base_norm))
+            for copy, source in pairs:
+                source_state = source.state_dict(keep_vars=True)
+                for key, tensor in copy.state_dict(keep_vars=True).items():
+                    init.copy_(tensor, source_state[key])
+
+    def backbone_key(self, key: str) -> str:
+        """The plain-backbone name of one of this model's backbone state keys (`...conv.base_layer.weight` ->
+        `...conv.weight`)."""
+        module_name, _, tensor_name = key.rpartition(".")
+        source = self._source_modules.get(module_name, module_name)
+        return f"{source}.{tensor_name}" if source else tensor_name
+
+    @torch.no_grad()
+    def load_backbone_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Loads a plain backbone checkpoint into both banks, so the model starts as exactly that backbone."""
+        own = self.backbone.state_dict()
+        expanded = {}
+        for key in own:
+            source_key = self.backbone_key(key)
+            if source_key not in state_dict:
+                raise KeyError(f"Backbone checkpoint has no tensor {source_key!r} (needed for {key!r}).")
+            expanded[key] = state_dict[source_key]
+        unused = set(state_dict) - {self.backbone_key(key) for key in own}
+        if unused:
+            raise KeyError(f"Backbone checkpoint tensors with no place in the model: {sorted(unused)[:5]}.")
+        self.backbone.load_state_dict(expanded, strict=True)
+
+    def pretrained_state_dict(self) -> dict[str, torch.Tensor]:
+        """The frozen tensors (pre-trained bank and ungated filters) under their plain-backbone names."""
+        frozen = {name for name, p in self.backbone.named_parameters() if not p.requires_grad}
+        return {self.backbone_key(k): v for k, v in self.backbone.state_dict().items() if k in frozen}
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> AdaFilterModelOutput | tuple:
+        _check_pixel_values(pixel_values, self.config.backbone_config.num_channels)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        self.gate_controller.reset()
+        outputs = self.backbone(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        gates, gate_probs = self.gate_controller.collect(self.gated_layer_names)
+        pooled = outputs.pooler_output.flatten(1)
+        output = AdaFilterModelOutput(
+            last_hidden_state=outputs.last_hidden_state,
+            pooler_output=pooled,
+            hidden_states=outputs.hidden_states,
+            gates=gates,
+            gate_probs=gate_probs,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class AdaFilterForImageClassification(AdaFilterPreTrainedModel):
+    def __init__(self, config: AdaFilterConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.adafilter = AdaFilterModel(config)
+        dropout = config.classifier_dropout
+        if dropout is None:
+            dropout = self.adafilter.family.classifier_dropout(config.backbone_config)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(self.adafilter.num_features, config.num_labels)
+        self.post_init()
+
+    @property
+    def gated_layer_names(self) -> list[str]:
+        return self.adafilter.gated_layer_names
+
+    def set_gumbel_temperature(self, temperature: float) -> None:
+        self.adafilter.set_gumbel_temperature(temperature)
+
+    def forced_gates(self, value: float | None) -> contextlib.AbstractContextManager[None]:
+        return self.adafilter.forced_gates(value)
+
+    def gate_parameters(self) -> Iterator[nn.Parameter]:
+        return self.adafilter.gate_parameters()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> AdaFilterImageClassifierOutput | tuple:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+            Class indices in `[0, config.num_labels - 1]` for the cross-entropy loss.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.adafilter(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        logits = self.classifier(self.dropout(outputs.pooler_output))
+        loss = None
+        if labels is not None:
+            _check_labels(labels, self.config.num_labels)
+            loss = self.loss_function(labels, logits, self.config)
+        output = AdaFilterImageClassifierOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            gates=outputs.gates,
+            gate_probs=outputs.gate_probs,
+        )
+        return output if return_dict else output.to_tuple()
+
+    @classmethod
+    def from_backbone(
+        cls,
+        backbone: str | PreTrainedModel,
+        num_labels: int | None = None,
+        id2label: dict[int, str] | None = None,
+        **config_overrides,
+    ) -> AdaFilterForImageClassification:
+        """Wraps a pretrained backbone: both banks start as its weights, so the new model computes exactly what the
+        backbone computes until training moves the fine-tuned bank.
+
+        `backbone` is a model, a Hub id, a local path, or a packaged alias such as `"efficientnet-lite0"`. Without
+        `num_labels` / `id2label` the backbone's own classification head and labels are kept.
+        """
+        source_model, name_or_path = _load_backbone(backbone)
+        base = source_model.base_model
+        family = get_family(base.config.model_type)
+        source_head = (
+            find_classifier_linear(getattr(source_model, "classifier", None))
+            if source_model is not base
+            else None
+        )
+        if id2label is not None:
+            id2label = {int(k): v for k, v in id2label.items()}
+            if num_labels is not None and num_labels != len(id2label):
+                raise ValueError(f"num_labels={num_labels} but id2label has {len(id2label)} entries.")
+            num_labels = len(id2label)
+        keep_head = num_labels is None and source_head is not None
+        if num_labels is None:
+            if source_head is None:
+                raise ValueError(
+                    f"{name_or_path!r} has no classification head: pass num_labels= (or id2label=)."
+                )
+            num_labels = source_head.out_features
+            id2label = source_model.config.id2label
+        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+            raise ValueError(f"num_labels must be a positive integer, got {num_labels!r}.")
+        if id2label is not None:
+            labels = {"id2label": id2label, "label2id": {label: index for index, label in id2label.items()}}
+        else:
+            labels = {"num_labels": num_labels}
+        config = AdaFilterConfig(
+            backbone_config=_backbone_config_dict(base.config),
+            backbone_name_or_path=name_or_path,
+            **labels,
+            **config_overrides,
+        )
+        if config.classifier_dropout is None:
+            config.classifier_dropout = float(family.classifier_dropout(base.config))
+        model = cls(config)
+        model.adafilter.load_backbone_state_dict(base.state_dict())
+        if keep_head:
+            with torch.no_grad():
+                model.classifier.weight.copy_(source_head.weight)
+                model.classifier.bias.copy_(source_head.bias)
+        model.eval()
+        return model
+
+
+def _channels(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return module.in_channels, module.out_channels
+
+
+# Turn a backbone name into something `from_pretrained` reads. The pip package registers one for its packaged
+# aliases (e.g. "efficientnet-lite0"); remote code, which ships without it, resolves Hub ids and paths only.
+BACKBONE_RESOLVERS: list[Callable[[str], str | None]] = []
+
+
+def _load_backbone(backbone: str | PreTrainedModel) -> tuple[PreTrainedModel, str | None]:
+    if isinstance(backbone, PreTrainedModel):
+        return backbone, backbone.config.name_or_path or None
+    if not isinstance(backbone, str):
+        raise TypeError(
+            f"backbone must be a model, a Hub id, a local path or an alias, got {type(backbone).__name__}."
+        )
+    location = next((found for resolve in BACKBONE_RESOLVERS if (found := resolve(backbone))), backbone)
+    config = AutoConfig.from_pretrained(location)
+    get_family(config.model_type)  # unsupported families fail here, before any weights are read
+    if any(arch.endswith("ForImageClassification") for arch in config.architectures or []):
+        return AutoModelForImageClassification.from_pretrained(location), backbone
+    return AutoModel.from_pretrained(location), backbone
+
+
+def _backbone_config_dict(config: PreTrainedConfig) -> dict:
+    """The backbone's architecture only: its labels and head belong to the AdaFilter config."""
+    config_dict = config.to_dict()
+    for key in (
+        "id2label",
+        "label2id",
+        "architectures",
+        "problem_type",
+        "_name_or_path",
+        "transformers_version",
+    ):
+        config_dict.pop(key, None)
+    return config_dict
+
+
+def _check_pixel_values(pixel_values: torch.Tensor | None, num_channels: int) -> None:
+    if pixel_values is None:
+        raise ValueError("AdaFilter models need `pixel_values` (batch, channels, height, width).")
+    if pixel_values.ndim != 4 or pixel_values.shape[1] != num_channels:
+        raise ValueError(
+            f"pixel_values must have shape (batch, {num_channels}, height, width), got {tuple(pixel_values.shape)}. "
+            "Convert images to RGB (e.g. `image.convert('RGB')`) and run them through the model's image processor."
+        )
+
+
+def _check_labels(labels: torch.Tensor, num_labels: int) -> None:
+    if labels.dtype in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8) and labels.numel():
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= num_labels:
+            raise ValueError(
+                f"labels must be class indices in [0, {num_labels - 1}], got values in [{low}, {high}]. "
+                "Check the label column and config.num_labels / id2label."
+            )
+
+
+__all__ = [
+    "AdaFilterForImageClassification",
+    "AdaFilterImageClassifierOutput",
+    "AdaFilterModel",
+    "AdaFilterModelOutput",
+    "AdaFilterPreTrainedModel",
+]

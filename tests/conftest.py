@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny random configs of every supported backbone family (fast on 2 CPU cores)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Packaged backbones are converted once per test session, never into the user's cache.
+os.environ.setdefault("HF_ADAFILTER_CACHE", tempfile.mkdtemp(prefix="hf_adafilter_test_cache_"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+TINY_BACKBONE_CONFIGS = {
+    # Bottleneck blocks with a projection shortcut: plain convs + BatchNorm.
+    "resnet": lambda: transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]),
+    # Depthwise convs, TF "same" padding, squeeze-excite (must stay ungated).
+    "efficientnet": lambda: transformers.EfficientNetConfig(
+        width_coefficient=0.1, depth_coefficient=0.1, image_size=32, hidden_dim=128
+    ),
+    # Depthwise conv + pointwise nn.Linear on channels-last input, LayerNorm (no BatchNorm).
+    "convnext": lambda: transformers.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2),
+    # Grouped convs and squeeze-excite ("attention") convs.
+    "regnet": lambda: transformers.RegNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], groups_width=4
+    ),
+    # Inverted residuals, ReLU6, TF padding helpers reading conv attributes.
+    "mobilenet_v2": lambda: transformers.MobileNetV2Config(
+        depth_multiplier=0.1, image_size=32, finegrained_output=False
+    ),
+    # Weight-standardised conv subclass, GroupNorm, pre-activation blocks.
+    "bit": lambda: transformers.BitConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_groups=2
+    ),
+}
+FAMILIES = tuple(TINY_BACKBONE_CONFIGS)
+IMAGE_SIZE = 32
+
+
+def tiny_backbone_config(family: str) -> transformers.PreTrainedConfig:
+    return TINY_BACKBONE_CONFIGS[family]()
+
+
+def random_backbone(family: str, seed: int = 0) -> transformers.PreTrainedModel:
+    """A plain backbone with random weights and non-trivial BatchNorm statistics, in eval mode."""
+    torch.manual_seed(seed)
+    backbone = transformers.AutoModel.from_config(tiny_backbone_config(family))
+    with torch.no_grad():
+        for module in backbone.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    return backbone.eval()
+
+
+def pixel_batch(batch_size: int = 4, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param

@@ -1,0 +1,66 @@
+"""AdaFilterConfig: validation with clear errors, exact JSON round trip, nested backbone configs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import transformers
+from conftest import FAMILIES, tiny_backbone_config
+
+from hf_adafilter import AdaFilterConfig
+
+
+def test_default_backbone_is_a_resnet50_shape():
+    config = AdaFilterConfig()
+    assert config.backbone_config.model_type == "resnet"
+    assert list(config.backbone_config.depths) == [3, 4, 6, 3]
+    assert config.gate_network == "lstm" and config.gated_norm is True
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_json_round_trip_is_exact_for_every_family(family, tmp_path):
+    config = AdaFilterConfig(
+        backbone_config=tiny_backbone_config(family).to_dict(),
+        gate_network="gru",
+        gumbel_temperature=2,
+        target_modules=r"encoder\..*",
+        exclude_modules=[r".*shortcut.*"],
+        id2label={0: "cat", 1: "dog"},
+        label2id={"cat": 0, "dog": 1},
+    )
+    assert isinstance(config.backbone_config, type(tiny_backbone_config(family)))
+    assert config.gumbel_temperature == 2.0 and isinstance(config.gumbel_temperature, float)
+    assert config.target_modules == [r"encoder\..*"]
+    config.save_pretrained(tmp_path)
+    reloaded = AdaFilterConfig.from_pretrained(tmp_path)
+    assert reloaded.to_dict() == config.to_dict()
+    assert reloaded.to_json_string() == config.to_json_string()
+    assert json.loads((tmp_path / "config.json").read_text())["backbone_config"]["model_type"] == family
+    via_auto = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert type(via_auto) is AdaFilterConfig and via_auto.to_json_string() == config.to_json_string()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"gate_network": "rnn"}, r"gate_network must be one of 'lstm', 'gru', 'independent', got 'rnn'"),
+        ({"gate_hidden_size": 0}, r"gate_hidden_size must be a positive integer, got 0"),
+        ({"gate_input_size": 2.5}, r"gate_input_size must be a positive integer, got 2.5"),
+        ({"gumbel_temperature": 0}, r"gumbel_temperature must be > 0, got 0.0"),
+        ({"gumbel_temperature": "hot"}, r"gumbel_temperature must be a number, got 'hot'"),
+        ({"classifier_dropout": 1.5}, r"classifier_dropout must be in \[0, 1\), got 1.5"),
+        ({"gated_norm": "yes"}, r"gated_norm must be True or False, got 'yes'"),
+        ({"target_modules": "conv("}, r"target_modules has an invalid regex 'conv\('"),
+        ({"exclude_modules": [3]}, r"exclude_modules must be a regex string or a list of them"),
+        (
+            {"backbone_config": {"model_type": "vit"}},
+            r"model_type 'vit'.*Supported backbone families: resnet",
+        ),
+        ({"backbone_config": {"depths": [1]}}, r"backbone_config needs a `model_type` key"),
+        ({"backbone": "microsoft/resnet-50"}, r"does not take `backbone=`.*from_backbone"),
+    ],
+)
+def test_invalid_values_name_the_field(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        AdaFilterConfig(**overrides)

@@ -1,0 +1,289 @@
+"""The AdaFilter model on every supported backbone family: exactness, gates, gradients, freezing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from conftest import FAMILIES, pixel_batch, random_backbone, tiny_backbone_config
+
+from hf_adafilter import AdaFilterConfig, AdaFilterForImageClassification
+from hf_adafilter.layers import GatedLayer
+
+TOLERANCE = 1e-5
+
+
+def adafilter_from(backbone: transformers.PreTrainedModel, **overrides) -> AdaFilterForImageClassification:
+    return AdaFilterForImageClassification.from_backbone(backbone, num_labels=5, **overrides)
+
+
+def perturb_finetuned_bank(model: AdaFilterForImageClassification, seed: int = 3) -> None:
+    """Moves the trainable bank (and its norms) away from the pre-trained one, as training would."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.adafilter.gated_layers.values():
+            for tensor in layer.finetuned_layer.parameters():
+                tensor.add_(
+                    0.5 * torch.randn(tensor.shape, generator=generator) * tensor.std().clamp_min(1e-3)
+                )
+            if layer.finetuned_norm is not None:
+                layer.finetuned_norm.running_mean.add_(0.3)
+                layer.finetuned_norm.weight.mul_(1.5)
+
+
+def pooled(model: AdaFilterForImageClassification, pixels: torch.Tensor) -> torch.Tensor:
+    return model.adafilter(pixels).pooler_output
+
+
+def backbone_pooled(backbone: transformers.PreTrainedModel, pixels: torch.Tensor) -> torch.Tensor:
+    return backbone(pixels).pooler_output.flatten(1)
+
+
+def test_gates_forced_to_zero_reproduce_the_backbone(family):
+    backbone = random_backbone(family)
+    model = adafilter_from(backbone).eval()
+    perturb_finetuned_bank(model)
+    pixels = pixel_batch()
+    expected = backbone_pooled(backbone, pixels)
+    with torch.no_grad(), model.forced_gates(0.0):
+        assert (pooled(model, pixels) - expected).abs().max() < TOLERANCE
+    with torch.no_grad(), model.forced_gates(1.0):
+        # Not a test that cannot fail: the perturbed bank must matter once selected.
+        assert (pooled(model, pixels) - expected).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("gates", [None, 1.0])
+def test_fresh_model_computes_the_backbone_for_any_gates(family, gates):
+    backbone = random_backbone(family)
+    model = adafilter_from(backbone).eval()
+    pixels = pixel_batch()
+    with torch.no_grad(), model.forced_gates(gates):
+        out = model.adafilter(pixels)
+    assert (out.pooler_output - backbone_pooled(backbone, pixels)).abs().max() < TOLERANCE
+    if gates is None:
+        decisions = torch.cat([g.flatten() for g in out.gates])
+        assert 0 < decisions.mean() < 1, "the gate network should mix both banks at initialisation"
+
+
+def test_gates_have_one_binary_decision_per_example_and_filter(family):
+    model = adafilter_from(random_backbone(family))
+    pixels = pixel_batch(batch_size=3)
+    layers = model.adafilter.gated_layers
+    for training in (True, False):
+        model.train(training)
+        out = model(pixels)
+        assert len(out.gates) == len(layers) > 0
+        for gates, layer in zip(out.gates, layers.values(), strict=True):
+            assert gates.shape == (3, layer.out_channels)
+            assert torch.all((gates == 0) | (gates == 1))
+        if training:
+            assert out.gate_probs is not None and len(out.gate_probs) == len(layers)
+            assert all(((p > 0) & (p < 1)).all() for p in out.gate_probs)
+        else:
+            assert out.gate_probs is None
+
+
+def test_gradients_reach_trainable_parts_and_never_the_frozen_bank(family):
+    model = adafilter_from(random_backbone(family)).train()
+    out = model(pixel_batch(), labels=torch.tensor([0, 1, 2, 3]))
+    # The gate penalty makes the gate network's gradient independent of the loss landscape at init.
+    (out.loss + sum(g.mean() for g in out.gates)).backward()
+    layers = list(model.adafilter.gated_layers.values())
+    assert all(layer.base_layer.weight.grad is None for layer in layers)
+    assert all(not p.requires_grad for layer in layers for p in layer.base_layer.parameters())
+    assert any(layer.finetuned_layer.weight.grad.abs().sum() > 0 for layer in layers)
+    controller = model.adafilter.gate_controller
+    assert all(head.weight.grad.abs().sum() > 0 for head in controller.heads)
+    assert all(proj.weight.grad.abs().sum() > 0 for proj in controller.input_projections)
+    assert model.classifier.weight.grad.abs().sum() > 0
+
+
+def test_straight_through_gradient_is_nonzero_and_eval_gates_reproducible():
+    model = adafilter_from(random_backbone("resnet"))
+    pixels = pixel_batch()
+    model.train()
+    out = model(pixels)
+    sum(g.sum() for g in out.gates).backward()
+    head_grads = [head.weight.grad for head in model.adafilter.gate_controller.heads]
+    assert all(g is not None and g.abs().sum() > 0 for g in head_grads)
+    torch.manual_seed(0)
+    first = torch.cat([g.flatten() for g in model(pixels).gates])
+    torch.manual_seed(1)
+    second = torch.cat([g.flatten() for g in model(pixels).gates])
+    assert not torch.equal(first, second), "training gates are sampled"
+    model.eval()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        first = torch.cat([g.flatten() for g in model(pixels).gates])
+        torch.manual_seed(1)
+        second = torch.cat([g.flatten() for g in model(pixels).gates])
+    assert torch.equal(first, second), "eval gates are deterministic"
+
+
+def test_temperature_is_settable_and_sharpens_the_relaxation():
+    model = adafilter_from(random_backbone("resnet")).train()
+    pixels = pixel_batch()
+
+    def gate_grad_norm(temperature: float) -> float:
+        model.zero_grad()
+        model.set_gumbel_temperature(temperature)
+        torch.manual_seed(0)
+        sum(g.sum() for g in model(pixels).gates).backward()
+        return sum(head.weight.grad.abs().sum().item() for head in model.adafilter.gate_controller.heads)
+
+    assert model.adafilter.gate_controller.temperature == 1.0
+    # Same noise, lower temperature: the sigmoid is steeper near the decision boundary only, so gradients differ.
+    assert gate_grad_norm(5.0) != gate_grad_norm(0.5)
+    with pytest.raises(ValueError, match="temperature"):
+        model.set_gumbel_temperature(0.0)
+
+
+@pytest.mark.parametrize("gate_network", ["lstm", "gru", "independent"])
+@pytest.mark.parametrize("gated_norm", [True, False])
+def test_gate_network_variants_and_norm_ablation(gate_network, gated_norm):
+    backbone = random_backbone("resnet")
+    model = adafilter_from(backbone, gate_network=gate_network, gated_norm=gated_norm).eval()
+    layers = model.adafilter.gated_layers.values()
+    assert all((layer.finetuned_norm is not None) == gated_norm for layer in layers)
+    pixels = pixel_batch()
+    with torch.no_grad():
+        assert (pooled(model, pixels) - backbone_pooled(backbone, pixels)).abs().max() < TOLERANCE
+    model.train()
+    out = model(pixels, labels=torch.tensor([0, 1, 2, 3]))
+    # While both banks are equal the task loss cannot see the gates; a gate penalty can.
+    (out.loss + sum(g.mean() for g in out.gates)).backward()
+    cell = model.adafilter.gate_controller.cell
+    assert (cell is None) == (gate_network == "independent")
+    if cell is not None:
+        assert cell.weight_ih.grad.abs().sum() > 0
+
+
+def test_recurrent_state_links_the_layers():
+    """With the shared LSTM, a layer's decisions depend on earlier layers; independent gates do not."""
+    for network, linked in (("lstm", True), ("independent", False)):
+        model = adafilter_from(random_backbone("resnet"), gate_network=network).eval()
+        controller = model.adafilter.gate_controller
+        with torch.no_grad():
+            controller.heads[-1].weight.normal_()  # make the last layer's decisions sensitive to its features
+            pooled_input = torch.randn(
+                2, model.adafilter.gated_layers[model.gated_layer_names[-1]].in_channels
+            )
+            last = len(controller) - 1
+            controller.reset()
+            alone = controller(last, pooled_input)
+            controller.reset()
+            controller(0, torch.randn(2, controller.input_projections[0].in_features) * 10)
+            after_first = controller(last, pooled_input)
+        assert (not torch.equal(alone, after_first)) == linked
+
+
+def test_default_targets_skip_stem_and_squeeze_excite(family):
+    model = AdaFilterForImageClassification(AdaFilterConfig(backbone_config=tiny_backbone_config(family)))
+    names = model.gated_layer_names
+    assert names
+    assert not any(stem in name for name in names for stem in ("embedder.", "embeddings.", "conv_stem."))
+    assert not any("squeeze_excite" in name or ".attention." in name for name in names)
+    layer_types = {type(layer.base_layer) for layer in model.adafilter.gated_layers.values()}
+    if family == "convnext":
+        assert torch.nn.Linear in layer_types
+    if family == "bit":
+        assert any(t.__name__ == "WeightStandardizedConv2d" for t in layer_types)
+
+
+def test_target_and_exclude_modules_select_layers():
+    config = tiny_backbone_config("resnet")
+    stem = AdaFilterForImageClassification(
+        AdaFilterConfig(backbone_config=config, target_modules=[r"embedder\.embedder\.convolution"])
+    )
+    assert stem.gated_layer_names == ["embedder.embedder.convolution"]
+    no_shortcut = AdaFilterForImageClassification(
+        AdaFilterConfig(backbone_config=config, exclude_modules=r".*shortcut.*")
+    )
+    default = AdaFilterForImageClassification(AdaFilterConfig(backbone_config=config))
+    assert set(no_shortcut.gated_layer_names) < set(default.gated_layer_names)
+    with pytest.raises(ValueError, match="No resnet layer matched"):
+        AdaFilterForImageClassification(AdaFilterConfig(backbone_config=config, target_modules=["nothing"]))
+    with pytest.raises(ValueError, match="gates only"):
+        AdaFilterForImageClassification(
+            AdaFilterConfig(backbone_config=config, target_modules=[r"embedder\.pooler"])
+        )
+
+
+def test_gated_layer_passes_conv_attributes_through():
+    model = adafilter_from(random_backbone("mobilenet_v2"))
+    layer = next(iter(model.adafilter.gated_layers.values()))
+    assert isinstance(layer, GatedLayer)
+    assert layer.stride == layer.base_layer.stride and layer.kernel_size == layer.base_layer.kernel_size
+    assert layer.weight is layer.base_layer.weight
+
+
+def test_frozen_bank_stays_bit_identical_through_training(family):
+    backbone = random_backbone(family)
+    reference = {k: v.clone() for k, v in backbone.state_dict().items()}
+    model = adafilter_from(backbone).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    pixels, labels = pixel_batch(), torch.tensor([0, 1, 2, 3])
+    for _ in range(3):
+        optimizer.zero_grad()
+        out = model(pixels, labels=labels)
+        (out.loss + 0.1 * sum(g.mean() for g in out.gates)).backward()
+        optimizer.step()
+    frozen = model.adafilter.pretrained_state_dict()
+    assert frozen, "there must be a frozen bank"
+    for key, tensor in frozen.items():
+        assert torch.equal(tensor, reference[key]), key
+    moved = [
+        not torch.equal(layer.finetuned_layer.weight, layer.base_layer.weight)
+        for layer in model.adafilter.gated_layers.values()
+    ]
+    assert any(moved), "the trainable bank should have moved"
+
+
+def test_from_backbone_keeps_the_head_and_labels_when_num_labels_is_omitted():
+    torch.manual_seed(0)
+    config = tiny_backbone_config("resnet")
+    config.id2label = {0: "cat", 1: "dog", 2: "fox"}
+    config.label2id = {v: k for k, v in config.id2label.items()}
+    source = transformers.ResNetForImageClassification(config).eval()
+    model = AdaFilterForImageClassification.from_backbone(source)
+    assert model.config.id2label == {0: "cat", 1: "dog", 2: "fox"}
+    pixels = pixel_batch()
+    with torch.no_grad():
+        assert (model(pixels).logits - source(pixels).logits).abs().max() < TOLERANCE
+    relabelled = AdaFilterForImageClassification.from_backbone(source, id2label={0: "a", 1: "b"})
+    assert relabelled.config.num_labels == 2 and relabelled.config.label2id == {"a": 0, "b": 1}
+    assert "id2label" not in relabelled.config.backbone_config.to_diff_dict()
+
+
+@pytest.mark.parametrize("family_name", FAMILIES)
+def test_wrong_channel_count_is_a_clear_error(family_name):
+    model = adafilter_from(random_backbone(family_name))
+    with pytest.raises(ValueError, match=r"pixel_values must have shape \(batch, 3, height, width\).*RGB"):
+        model(torch.randn(2, 1, 32, 32))
+    with pytest.raises(ValueError, match="pixel_values must have shape"):
+        model(torch.randn(3, 32, 32))
+
+
+def test_labels_out_of_range_are_a_clear_error():
+    model = adafilter_from(random_backbone("resnet"))
+    with pytest.raises(ValueError, match=r"labels must be class indices in \[0, 4\], got values in \[0, 7\]"):
+        model(pixel_batch(), labels=torch.tensor([0, 7, 1, 2]))
+
+
+def test_unsupported_backbone_lists_the_supported_families():
+    with pytest.raises(ValueError, match="Supported backbone families: resnet, efficientnet, convnext"):
+        AdaFilterConfig(backbone_config={"model_type": "vit"})
+    vit = transformers.ViTModel(
+        transformers.ViTConfig(
+            hidden_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=8,
+            image_size=8,
+            patch_size=4,
+        )
+    )
+    with pytest.raises(ValueError, match="'vit' is not supported.*resnet"):
+        AdaFilterForImageClassification.from_backbone(vit, num_labels=2)
+    with pytest.raises(ValueError, match="no classification head"):
+        AdaFilterForImageClassification.from_backbone(random_backbone("resnet"))
