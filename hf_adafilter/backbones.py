@@ -5,6 +5,7 @@ Travels to the Hub as remote code: relative imports only, nothing beyond torch/t
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,40 @@ class BackboneFamily:
     gate_linear: bool = False
     # Fixes applied to a freshly built backbone before any layer is gated.
     prepare: Callable[[nn.Module], None] = lambda backbone: None
+    # Stage ("stage1", ..., "head") of a module, for per-stage statistics like the paper's analysis.
+    stage_of: Callable[[str, object], str] = lambda name, config: _stage_from_stages_index(name)
+
+
+def _stage_from_stages_index(name: str) -> str:
+    match = re.search(r"stages\.(\d+)\.", name)
+    return f"stage{int(match.group(1)) + 1}" if match else "stem"
+
+
+def _stage_from_block_counts(block_counts: Sequence[int], block_pattern: str, first_stage: int = 1):
+    """Stage of the i-th block given how many blocks each stage has (families with a flat list of blocks)."""
+    bounds = [sum(block_counts[: i + 1]) for i in range(len(block_counts))]
+
+    def stage_of(name: str) -> str:
+        match = re.search(block_pattern, name)
+        if match is None:
+            return "head" if "stem" not in name and "embed" not in name else "stem"
+        block = int(match.group(1))
+        return f"stage{first_stage + next(i for i, bound in enumerate(bounds) if block < bound)}"
+
+    return stage_of
+
+
+def _efficientnet_stage(name: str, config) -> str:
+    counts = [int(math.ceil(config.depth_coefficient * repeats)) for repeats in config.num_block_repeats]
+    return _stage_from_block_counts(counts, r"blocks\.(\d+)\.")(name)
+
+
+# MobileNetV2's inverted-residual stages after the stem block (fixed by the architecture): 2, 3, 4, 3, 3, 1 blocks.
+_MOBILENET_V2_STAGE_BLOCKS = (2, 3, 4, 3, 3, 1)
+
+
+def _mobilenet_v2_stage(name: str, config) -> str:
+    return _stage_from_block_counts(_MOBILENET_V2_STAGE_BLOCKS, r"^layer\.(\d+)\.", first_stage=2)(name)
 
 
 def sync_batchnorm_momentum(model: nn.Module) -> nn.Module:
@@ -65,6 +100,7 @@ FAMILIES: dict[str, BackboneFamily] = {
             feature_size=lambda backbone: backbone.encoder.top_conv.out_channels,
             classifier_dropout=lambda config: config.dropout_rate,
             prepare=sync_batchnorm_momentum,
+            stage_of=_efficientnet_stage,
         ),
         BackboneFamily(
             model_type="convnext",
@@ -82,6 +118,7 @@ FAMILIES: dict[str, BackboneFamily] = {
             norm_after={"convolution": "normalization"},
             feature_size=lambda backbone: backbone.conv_1x1.convolution.out_channels,
             classifier_dropout=lambda config: config.classifier_dropout_prob,
+            stage_of=_mobilenet_v2_stage,
         ),
         BackboneFamily(
             model_type="bit",

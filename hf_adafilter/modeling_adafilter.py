@@ -162,6 +162,11 @@ class AdaFilterModel(AdaFilterPreTrainedModel):
     def gated_layers(self) -> dict[str, GatedLayer]:
         return dict(self._gated)
 
+    @property
+    def gated_layer_stages(self) -> list[str]:
+        """Stage of each gated layer ("stage1", ..., "head"), in `gated_layer_names` order."""
+        return [self.family.stage_of(name, self.config.backbone_config) for name in self._gated]
+
     def set_gumbel_temperature(self, temperature: float) -> None:
         if not temperature > 0:
             raise ValueError(f"Gumbel temperature must be > 0, got {temperature!r}.")
@@ -270,6 +275,10 @@ class AdaFilterForImageClassification(AdaFilterPreTrainedModel):
     @property
     def gated_layer_names(self) -> list[str]:
         return self.adafilter.gated_layer_names
+
+    @property
+    def gated_layer_stages(self) -> list[str]:
+        return self.adafilter.gated_layer_stages
 
     def set_gumbel_temperature(self, temperature: float) -> None:
         self.adafilter.set_gumbel_temperature(temperature)

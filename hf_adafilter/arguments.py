@@ -1,0 +1,86 @@
+"""AdaFilter's command-line arguments, in the dataclass style `HfArgumentParser` reads."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .configuration_adafilter import GATE_NETWORKS
+from .regularization import GATE_REGULARIZERS
+
+
+@dataclass
+class AdaFilterArguments:
+    """How the gated model is built and how its gates are trained."""
+
+    gate_network: str = field(
+        default="lstm",
+        metadata={
+            "help": "Gate network: lstm (the paper's), gru, or independent (no-RNN ablation).",
+            "choices": list(GATE_NETWORKS),
+        },
+    )
+    gate_input_size: int = field(
+        default=64, metadata={"help": "Projection size of each layer's pooled input."}
+    )
+    gate_hidden_size: int = field(default=64, metadata={"help": "Hidden size of the shared recurrent cell."})
+    gated_norm: bool = field(
+        default=True,
+        metadata={"help": "Separate BatchNorms for the two banks (False: the no-gated-BN ablation)."},
+    )
+    target_modules: str | None = field(
+        default=None, metadata={"help": "Regex of the layers to gate (default: every conv but stem and SE)."}
+    )
+    exclude_modules: str | None = field(default=None, metadata={"help": "Regex of layers never to gate."})
+    gate_regularization: str = field(
+        default="none",
+        metadata={
+            "help": "Gate regulariser: none, l1 (fine-tune few filters) or budget (aim at gate_target_ratio).",
+            "choices": list(GATE_REGULARIZERS),
+        },
+    )
+    gate_regularization_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the gate regulariser."}
+    )
+    gate_target_ratio: float = field(
+        default=0.5, metadata={"help": "Target share of fine-tuned filters for the budget regulariser."}
+    )
+    gumbel_temperature_start: float = field(
+        default=5.0, metadata={"help": "Gumbel-softmax temperature at step 0."}
+    )
+    gumbel_temperature_end: float = field(
+        default=0.5, metadata={"help": "Temperature at the last step (geometric annealing in between)."}
+    )
+    gate_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of the gate network (default: --learning_rate)."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.gate_regularization not in GATE_REGULARIZERS:
+            raise ValueError(
+                f"--gate_regularization must be one of {', '.join(GATE_REGULARIZERS)}, got {self.gate_regularization!r}."
+            )
+        if self.gate_regularization_weight < 0:
+            raise ValueError(
+                f"--gate_regularization_weight must be >= 0, got {self.gate_regularization_weight}."
+            )
+        if not 0.0 <= self.gate_target_ratio <= 1.0:
+            raise ValueError(f"--gate_target_ratio must be in [0, 1], got {self.gate_target_ratio}.")
+        for name in ("gumbel_temperature_start", "gumbel_temperature_end"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}.")
+        if self.gate_learning_rate is not None and not self.gate_learning_rate > 0:
+            raise ValueError(f"--gate_learning_rate must be > 0, got {self.gate_learning_rate}.")
+
+    def model_overrides(self) -> dict:
+        """The fields that go into `AdaFilterConfig`."""
+        keys = (
+            "gate_network",
+            "gate_input_size",
+            "gate_hidden_size",
+            "gated_norm",
+            "target_modules",
+            "exclude_modules",
+        )
+        overrides = {key: value for key, value in asdict(self).items() if key in keys}
+        overrides["gumbel_temperature"] = self.gumbel_temperature_start
+        return overrides

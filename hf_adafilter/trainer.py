@@ -1,0 +1,190 @@
+"""AdaFilterTrainer: a `transformers.Trainer` that regularises, anneals and reports the gates.
+
+It trains plain transformers classifiers too (the fine-tuning and linear-probe baselines), so every method runs
+through the same loop.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from .arguments import AdaFilterArguments
+from .modeling_adafilter import AdaFilterModel, AdaFilterPreTrainedModel
+from .regularization import gate_regularization
+
+
+def _adafilter(model: nn.Module | None) -> AdaFilterModel | None:
+    """The gated AdaFilterModel under any wrapper (DDP, accelerate, compile, a head), or None for a plain model."""
+    while model is not None and not isinstance(model, AdaFilterPreTrainedModel):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+    return getattr(model, "adafilter", model)
+
+
+def gumbel_temperature_at(step: int, max_steps: int, start: float, end: float) -> float:
+    """Geometric interpolation: equal ratios per step, so the late, low-temperature phase is not rushed."""
+    progress = min(step / max(max_steps - 1, 1), 1.0)
+    return start * (end / start) ** progress
+
+
+class GumbelTemperatureCallback(TrainerCallback):
+    """Anneals the Gumbel-softmax temperature from `start` (soft, exploratory gates) to `end` (near-discrete)."""
+
+    def __init__(self, start: float, end: float) -> None:
+        self.start, self.end = start, end
+
+    def _set(self, model: nn.Module | None, temperature: float) -> None:
+        adafilter = _adafilter(model)
+        if adafilter is not None:
+            adafilter.set_gumbel_temperature(temperature)
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self._set(model, gumbel_temperature_at(state.global_step, state.max_steps, self.start, self.end))
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._set(model, self.end)
+
+
+class GateStatistics:
+    """Running per-layer fine-tuned fractions, kept on the device so logging costs no sync per step."""
+
+    def __init__(self) -> None:
+        self.sums: torch.Tensor | None = None
+        self.batches = 0
+
+    def update(self, gates: tuple[torch.Tensor, ...]) -> None:
+        per_layer = torch.stack([g.detach().float().mean() for g in gates])
+        self.sums = per_layer if self.sums is None else self.sums + per_layer
+        self.batches += 1
+
+    def pop(self) -> torch.Tensor | None:
+        """Mean per-layer fractions since the last pop (None if no batch was seen)."""
+        if self.sums is None:
+            return None
+        means = self.sums / self.batches
+        self.sums, self.batches = None, 0
+        return means
+
+
+class AdaFilterTrainer(Trainer):
+    """Cross-entropy plus `gate_regularization_weight * R(gates)`, a separate gate learning rate, Gumbel annealing,
+    and the fine-tuned fraction (overall, per stage) in the logs; the pre-trained bank is re-frozen after any load.
+    """
+
+    # The loss is a per-batch mean: let the Trainer divide it by the accumulation steps (DESIGN.md 4).
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args, adafilter_args: AdaFilterArguments | None = None, **kwargs) -> None:
+        self.adafilter_args = adafilter_args or AdaFilterArguments()
+        super().__init__(*args, **kwargs)
+        self._gate_stats = {"train": GateStatistics(), "eval": GateStatistics()}
+        self.last_eval_gate_fractions: dict[str, float] = {}
+        adafilter = _adafilter(self.model)
+        if adafilter is not None:
+            adafilter.freeze_pretrained_bank()
+            self.add_callback(
+                GumbelTemperatureCallback(
+                    self.adafilter_args.gumbel_temperature_start, self.adafilter_args.gumbel_temperature_end
+                )
+            )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(
+            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        gates = outputs.get("gates") if isinstance(outputs, dict) else None
+        if gates:
+            args = self.adafilter_args
+            if model.training and args.gate_regularization != "none" and args.gate_regularization_weight > 0:
+                penalty = gate_regularization(gates, args.gate_regularization, args.gate_target_ratio)
+                loss = loss + args.gate_regularization_weight * penalty
+            self._gate_stats["train" if model.training else "eval"].update(gates)
+        return (loss, outputs) if return_outputs else loss
+
+    def create_optimizer(self, model=None):
+        """Like the Trainer's, with the gate network in groups of its own learning rate."""
+        opt_model = self.model if model is None else model
+        adafilter = _adafilter(opt_model)
+        if self.optimizer is not None or adafilter is None or self.adafilter_args.gate_learning_rate is None:
+            return super().create_optimizer(model)
+        gate_ids = {id(p) for p in adafilter.gate_parameters()}
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = defaultdict(list)
+        for name, parameter in opt_model.named_parameters():
+            if parameter.requires_grad:
+                groups[(id(parameter) in gate_ids, name in decay)].append(parameter)
+        param_groups = [
+            {
+                "params": params,
+                "weight_decay": self.args.weight_decay if decays else 0.0,
+                **({"lr": self.adafilter_args.gate_learning_rate} if is_gate else {}),
+            }
+            for (is_gate, decays), params in groups.items()
+        ]
+        if self.optimizer_cls_and_kwargs is not None:
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+        else:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def _gate_logs(self, split: str, prefix: str = "") -> dict[str, float]:
+        per_layer = self._gate_stats[split].pop()
+        adafilter = _adafilter(self.model)
+        if per_layer is None or adafilter is None:
+            return {}
+        per_layer = self.accelerator.reduce(per_layer, reduction="mean")
+        names, stages = adafilter.gated_layer_names, adafilter.gated_layer_stages
+        # Weigh layers by their filter count, as `finetuned_fraction` does.
+        widths = torch.tensor(
+            [layer.out_channels for layer in adafilter.gated_layers.values()],
+            dtype=per_layer.dtype,
+            device=per_layer.device,
+        )
+        values = per_layer.tolist()
+        if split == "eval":
+            self.last_eval_gate_fractions = dict(zip(names, values, strict=True))
+        logs = {f"{prefix}gates/finetuned_fraction": float((per_layer * widths).sum() / widths.sum())}
+        by_stage: dict[str, list[int]] = defaultdict(list)
+        for index, stage in enumerate(stages):
+            by_stage[stage].append(index)
+        for stage, indices in by_stage.items():
+            selected = torch.tensor(indices, device=per_layer.device)
+            stage_widths = widths[selected]
+            logs[f"{prefix}gates/{stage}"] = float(
+                (per_layer[selected] * stage_widths).sum() / stage_widths.sum()
+            )
+        return logs
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: add the gates seen since the last one
+            logs.update(self._gate_logs("train"))
+            adafilter = _adafilter(self.model)
+            if adafilter is not None:
+                logs["gates/temperature"] = adafilter.gate_controller.temperature
+        super().log(logs, start_time)
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        output = super().evaluation_loop(
+            dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+        )
+        output.metrics.update(self._gate_logs("eval", prefix=f"{metric_key_prefix}_"))
+        return output
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._refreeze()
+
+    def _load_best_model(self):
+        super()._load_best_model()
+        self._refreeze()
+
+    def _refreeze(self) -> None:
+        adafilter = _adafilter(self.model)
+        if adafilter is not None:
+            adafilter.freeze_pretrained_bank()
