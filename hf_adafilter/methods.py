@@ -1,0 +1,100 @@
+"""Build the classifier for a training method, so AdaFilter and its baselines share one pipeline.
+
+- `adafilter`: the backbone wrapped with gated filters (`AdaFilterForImageClassification.from_backbone`).
+- `finetune`: standard fine-tuning, the plain transformers classifier with every weight trainable.
+- `linear_probe`: only the new head trains; the backbone, its BatchNorm statistics included, stays fixed.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, PreTrainedModel
+
+from .arguments import AdaFilterArguments
+from .backbones import find_classifier_linear, get_family
+from .modeling_adafilter import BACKBONE_RESOLVERS, AdaFilterForImageClassification
+
+METHODS = ("adafilter", "finetune", "linear_probe")
+
+
+def resolve_location(name_or_path: str) -> str:
+    """A packaged alias becomes its converted local folder; Hub ids and paths pass through."""
+    return next((found for resolve in BACKBONE_RESOLVERS if (found := resolve(name_or_path))), name_or_path)
+
+
+def load_image_processor(name_or_path: str, **hub_kwargs):
+    return AutoImageProcessor.from_pretrained(resolve_location(name_or_path), **hub_kwargs)
+
+
+def build_classifier(
+    method: str,
+    name_or_path: str,
+    id2label: dict[int, str],
+    adafilter_args: AdaFilterArguments | None = None,
+    **hub_kwargs,
+) -> PreTrainedModel:
+    """The model `method` trains, starting from the pretrained backbone (or an AdaFilter checkpoint) at
+    `name_or_path`, with a head for `id2label`."""
+    if method not in METHODS:
+        raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {method!r}.")
+    location = resolve_location(name_or_path)
+    config = AutoConfig.from_pretrained(location, **hub_kwargs)
+    label2id = {label: index for index, label in id2label.items()}
+    if config.model_type == "adafilter":
+        if method != "adafilter":
+            raise ValueError(
+                f"{name_or_path!r} is an AdaFilter checkpoint; it trains only with --method adafilter."
+            )
+        model = AdaFilterForImageClassification.from_pretrained(location, **hub_kwargs)
+        if model.config.id2label != id2label:
+            raise ValueError(
+                f"{name_or_path!r} was trained on labels {list(model.config.id2label.values())[:5]}..., the data has "
+                f"{list(id2label.values())[:5]}...; start from its backbone to train a new head."
+            )
+        return model
+    get_family(config.model_type)  # a clear error for unsupported backbones, for every method alike
+    if method == "adafilter":
+        overrides = (adafilter_args or AdaFilterArguments()).model_overrides()
+        model = AdaFilterForImageClassification.from_backbone(name_or_path, id2label=id2label, **overrides)
+        return model.train()
+    model = AutoModelForImageClassification.from_pretrained(
+        location, id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True, **hub_kwargs
+    )
+    get_family(model.config.model_type).prepare(model)
+    freeze_identity_squeeze_excite(model)
+    if method == "linear_probe":
+        freeze_all_but_head(model)
+    return model
+
+
+def freeze_identity_squeeze_excite(model: nn.Module) -> None:
+    """Backbones without squeeze-excite (EfficientNet-Lite) carry HF SE blocks made an exact identity; they are
+    no parameters of the real network, so no method may train them (weight decay would erode the identity)."""
+    for name, module in model.named_modules():
+        if name.endswith("squeeze_excite") and _is_identity_squeeze_excite(module):
+            module.requires_grad_(False)
+
+
+def _is_identity_squeeze_excite(module: nn.Module) -> bool:
+    reduce, expand = getattr(module, "reduce", None), getattr(module, "expand", None)
+    if reduce is None or expand is None:
+        return False
+    return bool(
+        (reduce.weight == 0).all() and (expand.weight == 0).all() and torch.sigmoid(expand.bias).eq(1).all()
+    )
+
+
+def freeze_all_but_head(model: PreTrainedModel) -> None:
+    """Linear probe: the head trains; the backbone's weights and BatchNorm statistics stay as pretrained."""
+    head = find_classifier_linear(getattr(model, "classifier", None))
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no linear classification head to probe.")
+    model.requires_grad_(False)
+    head.requires_grad_(True)
+    backbone = model.base_model
+    # The Trainer switches the model to train mode every step; keep the backbone's norms in eval mode.
+    backbone.train = types.MethodType(lambda self, mode=True: nn.Module.train(self, False), backbone)
+    backbone.eval()
