@@ -17,6 +17,7 @@ def plot_gate_fractions(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     names, values = list(fractions), list(fractions.values())
     stages = list(stages) if stages is not None else ["layers"] * len(names)
@@ -25,14 +26,15 @@ def plot_gate_fractions(
     colours = [palette(stage_order.index(stage) % 10) for stage in stages]
     figure, axes = plt.subplots(figsize=(max(6.0, 0.16 * len(names) + 2), 3.6), dpi=120)
     axes.bar(range(len(values)), values, color=colours, width=0.85)
-    for stage in stage_order:
-        axes.bar([], [], color=palette(stage_order.index(stage) % 10), label=stage)
+    legend = [Patch(color=palette(index % 10), label=stage) for index, stage in enumerate(stage_order)]
     axes.set_xlabel("gated layer (forward order)")
     axes.set_ylabel("share of filters fine-tuned")
     axes.set_ylim(0, 1)
     axes.set_xlim(-0.7, len(values) - 0.3)
     axes.set_title(title or "AdaFilter: fine-tuned share of filters per layer (validation set)")
-    axes.legend(ncol=min(len(stage_order), 8), fontsize="small", loc="upper left", frameon=False)
+    axes.legend(
+        handles=legend, ncol=min(len(stage_order), 8), fontsize="small", loc="upper left", frameon=False
+    )
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path)
