@@ -265,10 +265,12 @@ def model_card_kwargs(model_args: ModelArguments, data_args: DataTrainingArgumen
 
 
 def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of the parameters. BatchNorm running statistics are left out: under DDP each rank updates its own
+    from its own batches between buffer broadcasts, and rank 0's are the ones saved."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(model.named_parameters()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
