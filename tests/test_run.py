@@ -213,3 +213,13 @@ def test_two_process_ddp_on_cpu_agrees_and_saves_a_loadable_model(workspace, tmp
     model = transformers.AutoModelForImageClassification.from_pretrained(output_dir)
     assert type(model).__name__ == "AdaFilterForImageClassification"
     assert run_example.weights_digest(model) == digests["0"]
+
+
+def test_accelerate_launch_single_process(workspace, tmp_path):
+    output_dir = tmp_path / "launched"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    result = run_script(run_args(workspace, output_dir, "adafilter", "--max_steps", "2"), launcher=launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "eval accuracy" in result.stdout
+    assert transformers.AutoModelForImageClassification.from_pretrained(output_dir) is not None
