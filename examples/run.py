@@ -254,13 +254,21 @@ def save_gate_analysis(trainer, output_dir: str) -> None:
 
 
 def model_card_kwargs(model_args: ModelArguments, data_args: DataTrainingArguments) -> dict:
+    """What the model card needs beyond the Trainer's own state: the data and the training crop."""
     kwargs = {
         "finetuned_from": model_args.model_name_or_path,
         "tasks": "image-classification",
         "tags": ["image-classification", model_args.method],
+        "image_size": data_args.image_size,
     }
     if data_args.dataset_name:
-        kwargs["dataset"] = data_args.dataset_name
+        kwargs["dataset_tags"] = kwargs["dataset"] = data_args.dataset_name
+    elif data_args.train_dir:
+        train_dir = Path(data_args.train_dir).resolve()
+        folder = train_dir.parent if train_dir.name in ("train", "training") else train_dir
+        kwargs["dataset"] = folder.name
+    else:
+        kwargs["dataset"] = "fashion-mnist-small"
     return kwargs
 
 

@@ -6,8 +6,10 @@ Importing the package registers the model with transformers' Auto classes.
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
 from .configuration_adafilter import AdaFilterConfig
+from .hub import push_model_card
 from .modeling_adafilter import (
     BACKBONE_RESOLVERS,
+    MODEL_CARD_WRITERS,
     AdaFilterForImageClassification,
     AdaFilterImageClassifierOutput,
     AdaFilterModel,
@@ -29,6 +31,9 @@ def _resolve_packaged_backbone(name: str) -> str | None:
 
 if _resolve_packaged_backbone not in BACKBONE_RESOLVERS:
     BACKBONE_RESOLVERS.append(_resolve_packaged_backbone)
+# `model.push_to_hub` then writes the AdaFilter model card (remote code, without this package, keeps transformers').
+if push_model_card not in MODEL_CARD_WRITERS:
+    MODEL_CARD_WRITERS.append(push_model_card)
 # Saving then also writes the remote-code files, so the checkpoint loads where this package is not installed.
 AdaFilterConfig.register_for_auto_class("AutoConfig")
 AdaFilterModel.register_for_auto_class("AutoModel")

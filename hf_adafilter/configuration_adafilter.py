@@ -50,6 +50,10 @@ class AdaFilterConfig(PreTrainedConfig):
             Dropout before the classification head; `None` takes the backbone family's own classifier dropout.
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the initialisation of the gate network and head.
+        compact_base (`dict`, *optional*):
+            Set only in the `config.json` of a compact checkpoint (`save_pretrained(..., compact=True)`), which stores
+            what training changed but not the frozen pre-trained bank: where that bank is rebuilt from and its
+            checksum, `{"name_or_path", "revision", "source", "sha256", "dtype"}`. `None` for full checkpoints.
     """
 
     model_type = "adafilter"
@@ -67,6 +71,7 @@ class AdaFilterConfig(PreTrainedConfig):
     exclude_modules: list[str] | str | None = None
     classifier_dropout: float | int | None = None
     initializer_range: float | int = 0.02
+    compact_base: dict | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         if kwargs.get("backbone") is not None:
@@ -110,6 +115,7 @@ class AdaFilterConfig(PreTrainedConfig):
             raise ValueError(f"AdaFilterConfig.gated_norm must be True or False, got {self.gated_norm!r}.")
         for name in ("target_modules", "exclude_modules"):
             setattr(self, name, _regex_list(name, getattr(self, name)))
+        _check_compact_base(self.compact_base)
 
 
 def _float(name: str, value: Any) -> float:
@@ -123,6 +129,36 @@ def _positive_float(name: str, value: Any) -> float:
     if not value > 0:
         raise ValueError(f"AdaFilterConfig.{name} must be > 0, got {value!r}.")
     return value
+
+
+COMPACT_BASE_SOURCES = ("hub", "packaged", "local")
+
+
+def _check_compact_base(value: Any) -> None:
+    """A hand-edited or truncated marker must fail here, not as a confusing error halfway through loading."""
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise ValueError(f"AdaFilterConfig.compact_base must be a dict or None, got {value!r}.")
+    name, sha256 = value.get("name_or_path"), value.get("sha256")
+    if not isinstance(name, str) or not name:
+        raise ValueError(
+            f"AdaFilterConfig.compact_base['name_or_path'] must name the base backbone, got {name!r}."
+        )
+    if not isinstance(sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise ValueError(
+            f"AdaFilterConfig.compact_base['sha256'] must be a sha256 hex digest, got {sha256!r}."
+        )
+    if value.get("source") not in COMPACT_BASE_SOURCES:
+        raise ValueError(
+            f"AdaFilterConfig.compact_base['source'] must be one of {', '.join(COMPACT_BASE_SOURCES)}, "
+            f"got {value.get('source')!r}."
+        )
+    for key in ("revision", "dtype"):
+        if value.get(key) is not None and not isinstance(value[key], str):
+            raise ValueError(
+                f"AdaFilterConfig.compact_base[{key!r}] must be a string or None, got {value[key]!r}."
+            )
 
 
 def _regex_list(name: str, value: Any) -> list[str] | None:

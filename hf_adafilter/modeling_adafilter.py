@@ -6,10 +6,14 @@ Travels to the Hub as remote code: relative imports only, nothing beyond torch/t
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+from huggingface_hub import CommitInfo, HfApi, ModelCard
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -23,8 +27,21 @@ from transformers.modeling_outputs import (
     BaseModelOutputWithPoolingAndNoAttention,
     ImageClassifierOutputWithNoAttention,
 )
+from transformers.utils.hub import create_and_tag_model_card
 
 from .backbones import find_classifier_linear, find_gate_targets, get_family
+from .compact import (
+    COMPACT_VARIANT,
+    COMPACT_WEIGHT_PATTERNS,
+    FULL_WEIGHT_PATTERNS,
+    assemble_state_dict,
+    compact_save_plan,
+    download_kwargs,
+    load_base_state_dict,
+    load_compact_state_dict,
+    read_marker,
+    remove_weight_files,
+)
 from .configuration_adafilter import AdaFilterConfig
 from .gating import GateController
 from .layers import GatedLayer
@@ -98,17 +115,151 @@ class AdaFilterPreTrainedModel(PreTrainedModel):
                 module.sync_finetuned_bank()
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        # transformers recreates parameters with requires_grad=True on load: freezing done in __init__ is lost.
-        loaded = super().from_pretrained(*args, **kwargs)
+    def from_pretrained(
+        cls, pretrained_model_name_or_path, *args, base_revision: str | None = None, **kwargs
+    ):
+        """Loads a full or a compact checkpoint (Hub id, local folder, or the cache offline); safetensors only.
+
+        `base_revision` overrides the revision a compact checkpoint's Hub base is read from, e.g. the commit it was
+        trained on after the base repository moved on.
+        """
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError(
+                "AdaFilter checkpoints are safetensors only and loading never unpickles; drop use_safetensors=False."
+            )
+        kwargs["use_safetensors"] = True
+        marker = None
+        if kwargs.get("state_dict") is None:
+            marker = read_marker(pretrained_model_name_or_path, kwargs.get("config"), download_kwargs(kwargs))
+        if marker is not None:
+            loaded = cls._from_compact(pretrained_model_name_or_path, marker, base_revision, *args, **kwargs)
+        else:
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
+        # transformers recreates parameters with requires_grad=True on load: freezing done in __init__ is lost.
         model.freeze_pretrained_bank()
         return loaded
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
+    @classmethod
+    def _from_compact(cls, path, marker: dict, base_revision: str | None, *args, **kwargs):
+        """Rebuilds the frozen bank from the base, checks its checksum, adds the trained tensors, loads the whole
+        through transformers' own `state_dict=` path (dtype, device map, loading report as usual)."""
+        download = download_kwargs(kwargs, pop=True)
+        config = kwargs.pop("config", None)
+        if not isinstance(config, PreTrainedConfig):
+            config = cls.config_class.from_pretrained(config if config is not None else path, **download)
+        with torch.device("meta"):
+            skeleton = cls(config)  # names and shapes only, no memory
+        base_state = load_base_state_dict(
+            path, marker, _load_backbone, BACKBONE_RESOLVERS, download, base_revision
+        )
+        state_dict = assemble_state_dict(
+            path, skeleton, marker, base_state, lambda: load_compact_state_dict(path, download)
+        )
+        del base_state, skeleton
+        loaded = super().from_pretrained(None, *args, config=config, state_dict=state_dict, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.config.name_or_path = str(path)
+        return loaded
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *args,
+        compact: bool = False,
+        base_model: str | None = None,
+        base_revision: str | None = None,
+        **kwargs,
+    ):
+        """transformers' `save_pretrained` (safetensors only), or with `compact=True` a compact checkpoint: only what
+        training changed, in `model.compact.safetensors`, plus `config.compact_base` naming the base backbone
+        (`base_model`, default `config.backbone_name_or_path`; `base_revision` for a Hub base) and the sha256 of the
+        frozen bank. Saving one format removes the other's weights from the folder.
+        """
         if self._auto_class is not None:
             self.config.auto_map = dict(AUTO_MAP)
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        previous, marker = self.config.compact_base, None
+        if compact:
+            if args or kwargs.get("state_dict") is not None or kwargs.get("variant") is not None:
+                raise ValueError(
+                    "save_pretrained(compact=True) chooses the tensors and the file name itself: pass no state_dict= "
+                    "or variant=, and the other options by keyword."
+                )
+            marker, trained = compact_save_plan(self, base_model, base_revision, BACKBONE_RESOLVERS)
+            kwargs.update(state_dict=trained, variant=COMPACT_VARIANT)
+        self.config.compact_base = marker
+        try:
+            result = super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.config.compact_base = previous
+        is_main_process = args[0] if args else kwargs.get("is_main_process", True)
+        if is_main_process:
+            stale = FULL_WEIGHT_PATTERNS if compact else COMPACT_WEIGHT_PATTERNS
+            remove_weight_files(save_directory, stale)
+        return result
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        compact: bool = False,
+        base_model: str | None = None,
+        base_revision: str | None = None,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str | None = "50GB",
+        tags: list[str] | None = None,
+    ) -> CommitInfo:
+        """transformers' `push_to_hub`, plus `compact=` (see `save_pretrained`). The commit also deletes the other
+        format's weights from the repo, and the model card is rewritten to describe what is pushed."""
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(
+                folder,
+                compact=compact,
+                base_model=base_model,
+                base_revision=base_revision,
+                max_shard_size=max_shard_size,
+            )
+            with open(os.path.join(folder, "config.json"), encoding="utf-8") as handle:
+                marker = json.load(handle).get("compact_base")
+            if marker is not None and marker["source"] == "local":
+                raise ValueError(
+                    f"A compact checkpoint pushed to the Hub must rebuild its frozen bank from a shared base, but "
+                    f"{marker['name_or_path']!r} is a local folder. Push that backbone first and pass "
+                    "base_model='org/backbone' (the checksum guards the match), or push a full checkpoint."
+                )
+            api = HfApi()
+            repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+            card = create_and_tag_model_card(repo_id, tags, token=token)
+            for write_card in MODEL_CARD_WRITERS:
+                card = write_card(self, folder, card, repo_id)
+            card.save(os.path.join(folder, "README.md"))
+            stale = FULL_WEIGHT_PATTERNS if compact else COMPACT_WEIGHT_PATTERNS
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=commit_message
+                or ("Upload compact AdaFilter model" if compact else "Upload AdaFilter model"),
+                commit_description=commit_description,
+                token=token,
+                revision=revision,
+                create_pr=create_pr,
+                delete_patterns=list(stale),
+            )
+
+    def frozen_parameter_names(self) -> dict[str, str]:
+        """State-dict key -> plain-backbone name of every frozen parameter (pre-trained bank, ungated filters).
+
+        Decided by structure, as `freeze_pretrained_bank` decides, not by the current `requires_grad`: this is what
+        a compact checkpoint leaves out and what its checksum covers.
+        """
+        adafilter = self.base_model
+        prefix = "" if adafilter is self else f"{self.base_model_prefix}."
+        return {prefix + key: name for key, name in adafilter._frozen_backbone_parameters().items()}
 
     def freeze_pretrained_bank(self) -> None:
         """Trainable: fine-tuned bank, norms, gate network, head. Frozen: pre-trained bank and ungated filters."""
@@ -183,6 +334,19 @@ class AdaFilterModel(AdaFilterPreTrainedModel):
 
     def gate_parameters(self) -> Iterator[nn.Parameter]:
         return self.gate_controller.parameters()
+
+    def _frozen_backbone_parameters(self) -> dict[str, str]:
+        """What `apply_trainability` freezes: parameters of non-norm modules outside the fine-tuned banks."""
+        finetuned = tuple(f"{name}.finetuned_layer." for name in self._gated)
+        frozen = {}
+        for module_name, module in self.backbone.named_modules():
+            if isinstance(module, GatedLayer) or _is_norm(module):
+                continue
+            for tensor_name, _ in module.named_parameters(recurse=False):
+                key = f"{module_name}.{tensor_name}" if module_name else tensor_name
+                if not key.startswith(finetuned):
+                    frozen[f"backbone.{key}"] = self.backbone_key(key)
+        return frozen
 
     def apply_trainability(self) -> None:
         for module in self.backbone.modules():
@@ -384,9 +548,14 @@ def _channels(module: nn.Module) -> tuple[int, int]:
 # Turn a backbone name into something `from_pretrained` reads. The pip package registers one for its packaged
 # aliases (e.g. "efficientnet-lite0"); remote code, which ships without it, resolves Hub ids and paths only.
 BACKBONE_RESOLVERS: list[Callable[[str], str | None]] = []
+# Write the README.md of `push_to_hub` (model, saved folder, card so far, repo id -> card). The pip package
+# registers the AdaFilter card; remote code keeps transformers' default card.
+MODEL_CARD_WRITERS: list[Callable[[PreTrainedModel, str, ModelCard, str], ModelCard]] = []
 
 
-def _load_backbone(backbone: str | PreTrainedModel) -> tuple[PreTrainedModel, str | None]:
+def _load_backbone(
+    backbone: str | PreTrainedModel, use_safetensors: bool | None = None, **hub_kwargs
+) -> tuple[PreTrainedModel, str | None]:
     if isinstance(backbone, PreTrainedModel):
         return backbone, backbone.config.name_or_path or None
     if not isinstance(backbone, str):
@@ -394,11 +563,12 @@ def _load_backbone(backbone: str | PreTrainedModel) -> tuple[PreTrainedModel, st
             f"backbone must be a model, a Hub id, a local path or an alias, got {type(backbone).__name__}."
         )
     location = next((found for resolve in BACKBONE_RESOLVERS if (found := resolve(backbone))), backbone)
-    config = AutoConfig.from_pretrained(location)
+    config = AutoConfig.from_pretrained(location, **hub_kwargs)
     get_family(config.model_type)  # unsupported families fail here, before any weights are read
+    model_kwargs = {**hub_kwargs, "use_safetensors": use_safetensors}
     if any(arch.endswith("ForImageClassification") for arch in config.architectures or []):
-        return AutoModelForImageClassification.from_pretrained(location), backbone
-    return AutoModel.from_pretrained(location), backbone
+        return AutoModelForImageClassification.from_pretrained(location, **model_kwargs), backbone
+    return AutoModel.from_pretrained(location, **model_kwargs), backbone
 
 
 def _backbone_config_dict(config: PreTrainedConfig) -> dict:
