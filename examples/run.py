@@ -32,6 +32,7 @@ from hf_adafilter.data import (
     collate_fn,
     load_default_dataset,
     load_image_classification_data,
+    resize_image_processor,
 )
 from hf_adafilter.methods import METHODS, build_classifier, load_image_processor
 from hf_adafilter.metrics import build_compute_metrics
@@ -189,11 +190,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     processor = load_image_processor(
         model_args.image_processor_name or model_args.model_name_or_path, **hub_kwargs
     )
+    if data_args.image_size is not None:
+        # The saved processor then preprocesses exactly as the evaluation did.
+        processor = resize_image_processor(processor, data_args.image_size)
     model = build_classifier(
         model_args.method, model_args.model_name_or_path, data.id2label, adafilter_args, **hub_kwargs
     )
     train_transform, eval_transform = build_transforms(
-        processor, data_args.image_size, image_column=data.image_column, label_column=data.label_column
+        processor, image_column=data.image_column, label_column=data.label_column
     )
     train_dataset = data.require("train").with_transform(train_transform) if training_args.do_train else None
     eval_dataset = data.validation.with_transform(eval_transform) if data.validation is not None else None

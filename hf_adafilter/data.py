@@ -23,6 +23,7 @@ columns (they are not arguments of the model's `forward`) before `with_transform
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -47,6 +48,7 @@ __all__ = [
     "load_default_dataset",
     "load_image_classification_data",
     "random_resized_crop_box",
+    "resize_image_processor",
     "resolve_preprocessing",
     "to_rgb",
 ]
@@ -740,6 +742,39 @@ class ImageTransform:
         out = np.multiply(pixels, self._scale)
         out += self._shift
         return torch.from_numpy(out)
+
+
+def resize_image_processor(image_processor: Any, image_size: int) -> Any:
+    """A copy of `image_processor` whose own geometry is `image_size`, keeping its crop fraction.
+
+    Training at `--image_size` uses it for the transforms and saves it with the model, so whoever loads the
+    model preprocesses exactly as the evaluation did.
+    """
+    if image_size <= 0:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    processor = copy.deepcopy(image_processor)
+    size, crop_size = getattr(processor, "size", None), getattr(processor, "crop_size", None)
+    shortest = _size_field(size, "shortest_edge")
+    height, width = _size_field(size, "height"), _size_field(size, "width")
+    crop_height = _size_field(crop_size, "height") if getattr(processor, "do_center_crop", True) else None
+    if shortest and crop_height:  # resize shortest edge, then crop (BiT, CLIP-style)
+        processor.size = {"shortest_edge": round(image_size * shortest / crop_height)}
+    elif shortest:  # ConvNeXt: the crop fraction lives in crop_pct
+        processor.size = {"shortest_edge": image_size}
+    elif height and width and crop_height:  # warp, then crop (EfficientNet)
+        processor.size = {
+            "height": round(image_size * height / crop_height),
+            "width": round(image_size * width / crop_height),
+        }
+    elif height and width:  # warp only (ViT); PoolFormer scales it by 1 / crop_pct itself
+        processor.size = {"height": image_size, "width": image_size}
+    else:
+        raise ValueError(
+            f"image processor size {size!r} is not supported (need shortest_edge or height and width)"
+        )
+    if crop_height:
+        processor.crop_size = {"height": image_size, "width": image_size}
+    return processor
 
 
 def build_transforms(

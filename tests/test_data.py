@@ -523,3 +523,28 @@ def test_collate_fn():
     batch = collate_fn(examples)
     assert batch["pixel_values"].shape == (2, 3, 4, 4) and batch["pixel_values"].dtype == torch.float32
     assert batch["labels"].tolist() == [1, 0] and batch["labels"].dtype == torch.long
+
+
+@pytest.mark.parametrize(
+    "processor",
+    [
+        transformers.ConvNextImageProcessorPil(),
+        transformers.ViTImageProcessorPil(),
+        transformers.BitImageProcessorPil(),
+        transformers.MobileNetV2ImageProcessorPil(),
+        transformers.EfficientNetImageProcessorPil(size={"height": 256, "width": 256}, crop_size=224),
+    ],
+    ids=lambda p: type(p).__name__,
+)
+def test_resized_processor_preprocesses_exactly_like_the_eval_transform(processor):
+    """run.py saves the resized processor: whoever loads the model must see what evaluation saw."""
+    from hf_adafilter.data import resize_image_processor
+
+    resized = resize_image_processor(processor, 96)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (150, 210, 3)).astype("uint8"))
+    _, eval_transform = build_transforms(resized)
+    ours = eval_transform({"image": [image], "label": [0]})["pixel_values"][0]
+    theirs = torch.as_tensor(resized(image, return_tensors="pt")["pixel_values"][0])
+    assert ours.shape == theirs.shape == (3, 96, 96)
+    assert (ours - theirs).abs().max() < 1e-5
+    assert processor.size != resized.size, "the original processor is left untouched"
