@@ -47,6 +47,14 @@ def gumbel_temperature_at(step: int, max_steps: int, start: float, end: float) -
     return start * (end / start) ** progress
 
 
+def set_batchnorm_momentum(model: nn.Module, momentum: float) -> None:
+    """Every BatchNorm's running-statistics momentum (PyTorch meaning). Norms kept in eval mode (the linear probe's
+    backbone) never update their statistics, so they are unaffected."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = momentum
+
+
 class GumbelTemperatureCallback(TrainerCallback):
     """Anneals the Gumbel-softmax temperature from `start` (soft, exploratory gates) to `end` (near-discrete)."""
 
@@ -98,6 +106,8 @@ class AdaFilterTrainer(Trainer):
         self.adafilter_args = adafilter_args or AdaFilterArguments()
         super().__init__(*args, **kwargs)
         self._gate_stats = {"train": GateStatistics(), "eval": GateStatistics()}
+        if self.adafilter_args.batchnorm_momentum is not None:
+            set_batchnorm_momentum(self.model, self.adafilter_args.batchnorm_momentum)
         self.last_eval_gate_fractions: dict[str, float] = {}
         adafilter = _adafilter(self.model)
         if adafilter is not None:

@@ -1,0 +1,867 @@
+#!/usr/bin/env python
+"""Does AdaFilter beat standard fine-tuning? An offline transfer benchmark of the paper's headline claim.
+
+The paper (Guo et al., AAAI 2020) reports that AdaFilter lowers the mean classification error of standard
+fine-tuning by 2.54 points over 7 target datasets (ImageNet ResNet-50). This script tests the same claim on what
+installs from the package registries: target tasks built by `benchmarks/prepare_data.py` (Fashion-MNIST, MNIST,
+Tux Paint photo stamps) and the packaged ImageNet EfficientNet-Lite0. Every method (linear probe, standard
+fine-tuning, AdaFilter, and the paper's two ablations: independent gates, no gated norm) runs through
+`examples/run.py`, one subprocess per run, with the same data, augmentation, steps, batch and image size. The
+learning rate of each method is chosen on the validation split from a fixed grid of the same size for every
+method; the test split is evaluated once per final run and never by a selection run.
+
+    python benchmarks/transfer.py                  # the CPU suite -> benchmarks/results/transfer.{md,json,png}
+    python benchmarks/transfer.py --quick          # smoke run (a few minutes) -> benchmarks/results/transfer_quick.*
+    python benchmarks/transfer.py --dry_run        # the plan and its time estimate, nothing run
+    python benchmarks/transfer.py --full --image_size 224                  # GPU scale
+    python benchmarks/transfer.py --full --image_size 224 --model_name_or_path microsoft/resnet-50 \\
+        --dataset_name <hub id with a test split> --task_name <name>      # the paper's setting, with the Hub
+
+Data is prepared on first use into `benchmarks/data/` (see `prepare_data.py`); `--resume` reuses runs already
+finished by an interrupted invocation with identical settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import platform
+import resource
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = Path(__file__).resolve().parent
+RUN_SCRIPT = ROOT / "examples" / "run.py"
+RESULTS_DIR = BENCHMARKS / "results"
+if str(BENCHMARKS) not in sys.path:
+    sys.path.insert(0, str(BENCHMARKS))
+
+import prepare_data  # noqa: E402
+
+# Each method is a set of examples/run.py flags; every other flag is shared.
+METHODS: dict[str, tuple[str, ...]] = {
+    "linear_probe": ("--method", "linear_probe"),
+    "finetune": ("--method", "finetune"),
+    "adafilter": ("--method", "adafilter"),
+    "adafilter_independent": ("--method", "adafilter", "--gate_network", "independent"),
+    "adafilter_no_gated_norm": ("--method", "adafilter", "--gated_norm", "false"),
+}
+METHOD_TITLES = {
+    "linear_probe": "linear probe",
+    "finetune": "standard fine-tuning",
+    "adafilter": "AdaFilter (LSTM gates, gated BN)",
+    "adafilter_independent": "AdaFilter, independent gates (ablation)",
+    "adafilter_no_gated_norm": "AdaFilter, no gated BN (ablation)",
+}
+ADAFILTER_METHODS = tuple(m for m in METHODS if m.startswith("adafilter"))
+# Relative cost of a training step (fine-tuning = 1), for the estimate printed before the first run is timed.
+# Measured at 96 px, batch 32, 2 threads, in the quietest minutes of a shared machine (best of 6 steps): fine-tuning
+# 0.40 s, AdaFilter variants 0.80-0.86 s, linear probe 0.10 s; evaluation ~4 ms per image (AdaFilter ~6.5 ms).
+PRIOR_STEP_COST = {"linear_probe": 0.25, "finetune": 1.0} | dict.fromkeys(ADAFILTER_METHODS, 2.1)
+PRIOR_EVAL_COST = {"linear_probe": 0.8, "finetune": 1.0} | dict.fromkeys(ADAFILTER_METHODS, 1.65)
+PRIOR_FINETUNE_STEP_S = 0.45  # incl. loading and augmenting the batch
+PRIOR_EVAL_S_PER_IMAGE = 0.004  # fine-tuning's, at 96 px
+PRIOR_RUN_OVERHEAD_S = 7.0  # interpreter, imports, model build, saving
+PAPER_MEAN_ERROR_REDUCTION = 2.54
+COLLAPSE_MARGIN = 0.02  # a layer whose fine-tuned fraction is within this of 0 or 1 has collapsed
+WORKER_FLAG = "--_worker"
+CPU_ONLY_NOTE = " (a CPU figure: --full is meant for a GPU, where it is far shorter)"
+UNSET = object()  # an argparse default that is never type-converted: "not given" vs an explicit "none"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What every method gets: identical for all methods of one invocation."""
+
+    scale: str  # prepare_data scale of the packaged tasks
+    image_size: int
+    max_steps: int
+    train_batch_size: int
+    eval_batch_size: int
+    seeds: tuple[int, ...]  # final runs (train, validation, test once each)
+    selection_seed: int  # LR selection runs (validation only)
+    lr_grids: dict[str, tuple[float, ...]]
+    warmup: float = 0.1  # share of steps
+    weight_decay: float = 0.01
+    # PyTorch meaning; the packaged Lite0's 0.01 leaves evaluation statistics half ImageNet's after 72 steps.
+    batchnorm_momentum: float | None = 0.1
+    # AdaFilter variants only: with Adam at the main LR the gate logits move by ~LR per step, too little to
+    # leave their random start in a short run (benchmarks/results/transfer_investigation.md).
+    gate_learning_rate: float | None = 1e-2
+    dataloader_workers: int = 0
+
+
+_GRID = (3e-4, 1e-3)
+_PROBE_GRID = (3e-3, 1e-2)  # a head alone on frozen features wants a larger step
+PRESETS: dict[str, Budget] = {
+    "default": Budget(
+        scale="default",
+        image_size=96,
+        max_steps=72,
+        train_batch_size=32,
+        eval_batch_size=100,
+        seeds=(1, 2, 3),
+        selection_seed=0,
+        lr_grids={"linear_probe": _PROBE_GRID} | {m: _GRID for m in METHODS if m != "linear_probe"},
+    ),
+    "quick": Budget(
+        scale="quick",
+        image_size=64,
+        max_steps=3,
+        train_batch_size=8,
+        eval_batch_size=32,
+        seeds=(1,),
+        selection_seed=0,
+        lr_grids={"linear_probe": (1e-2,)} | {m: (1e-3,) for m in METHODS if m != "linear_probe"},
+        warmup=0.0,
+    ),
+    "full": Budget(
+        scale="full",
+        image_size=224,
+        max_steps=2000,
+        train_batch_size=64,
+        eval_batch_size=128,
+        seeds=(1, 2, 3),
+        selection_seed=0,
+        lr_grids={"linear_probe": (1e-3, 3e-3, 1e-2)}
+        | {m: (1e-4, 3e-4, 1e-3) for m in METHODS if m != "linear_probe"},
+        dataloader_workers=4,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Task:
+    """A target task: a name and the examples/run.py flags that load it."""
+
+    name: str
+    data_args: tuple[str, ...]
+    record: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    task: str
+    method: str
+    learning_rate: float
+    seed: int
+    phase: str  # "select": train + validation; "final": train + validation + test
+
+    @property
+    def label(self) -> str:
+        return f"{self.phase} {self.task} {self.method} lr={self.learning_rate:g} seed={self.seed}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="smoke run: tiny subsets, 1 seed, 1 LR, 3 steps")
+    mode.add_argument("--full", action="store_true", help="GPU scale: larger subsets, 2000 steps, 3-LR grid")
+    parser.add_argument(
+        "--tasks",
+        nargs="*",
+        choices=prepare_data.TASKS,
+        default=None,
+        help="packaged tasks (default: all, or none when a custom dataset is given)",
+    )
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--model_name_or_path", default="efficientnet-lite0")
+    parser.add_argument("--image_size", type=int, help="crop size (multiples of 32 for the packaged Lite0)")
+    parser.add_argument("--max_steps", type=int, help="training steps of every run")
+    parser.add_argument("--train_batch_size", type=int)
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds of the final runs")
+    parser.add_argument(
+        "--batchnorm_momentum",
+        type=optional_float,
+        default=UNSET,
+        help="BatchNorm momentum of every method (default 0.1; 'none': the backbone's)",
+    )
+    parser.add_argument(
+        "--gate_learning_rate",
+        type=optional_float,
+        default=UNSET,
+        help="gate-network LR of the AdaFilter variants (default 1e-2; 'none': the main LR)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch/OpenMP threads per run (default: all cores; set it on a shared machine)",
+    )
+    parser.add_argument("--data_dir", type=Path, default=prepare_data.DEFAULT_DATA_DIR)
+    parser.add_argument(
+        "--output_prefix",
+        type=Path,
+        default=None,
+        help="writes <prefix>.md/.json/.png (default: benchmarks/results/transfer[_quick|_full])",
+    )
+    parser.add_argument("--resume", action="store_true", help="reuse finished runs with identical settings")
+    parser.add_argument("--dry_run", action="store_true", help="print the plan and the estimate, run nothing")
+    parser.add_argument("--keep_run_dirs", action="store_true", help="keep each run's output_dir and log")
+    custom = parser.add_argument_group(
+        "a task of your own (examples/run.py data flags; it needs a test split)"
+    )
+    custom.add_argument("--task_name", default=None)
+    for flag in (
+        "dataset_name",
+        "dataset_config_name",
+        "train_dir",
+        "validation_dir",
+        "test_dir",
+        "image_column_name",
+        "label_column_name",
+        "max_train_samples",
+        "max_eval_samples",
+    ):
+        custom.add_argument(f"--{flag}", default=None)
+    return parser.parse_args(argv)  # fmt: skip
+
+
+def optional_float(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
+def budget_from_args(args: argparse.Namespace) -> Budget:
+    budget = PRESETS["quick" if args.quick else "full" if args.full else "default"]
+    overrides = {
+        "image_size": args.image_size,
+        "max_steps": args.max_steps,
+        "train_batch_size": args.train_batch_size,
+        "seeds": tuple(args.seeds) if args.seeds else None,
+    }
+    budget = replace(budget, **{key: value for key, value in overrides.items() if value is not None})
+    for name in ("batchnorm_momentum", "gate_learning_rate"):
+        if getattr(args, name) is not UNSET:
+            budget = replace(budget, **{name: getattr(args, name)})
+    return budget
+
+
+CUSTOM_FLAGS = ("dataset_name", "dataset_config_name", "train_dir", "validation_dir", "test_dir",
+                "image_column_name", "label_column_name", "max_train_samples", "max_eval_samples")  # fmt: skip
+
+
+def custom_task(args: argparse.Namespace) -> Task | None:
+    if not (args.dataset_name or args.train_dir):
+        return None
+    name = args.task_name or Path(args.dataset_name or args.train_dir).name.replace("/", "_")
+    data_args = []
+    for flag in CUSTOM_FLAGS:
+        value = getattr(args, flag)
+        if value is not None:
+            data_args += [f"--{flag}", str(value)]
+    return Task(name=name, data_args=tuple(data_args), record={"source": " ".join(data_args)})
+
+
+def resolve_tasks(args: argparse.Namespace, budget: Budget) -> list[Task]:
+    """Prepared packaged tasks (built on first use) plus the custom one; a missing package stops with its
+    install command."""
+    custom = custom_task(args)
+    names = args.tasks if args.tasks is not None else ([] if custom else list(prepare_data.TASKS))
+    tasks = []
+    for name in names:
+        folder = prepare_data.prepare_task(name, args.data_dir, budget.scale)
+        record = json.loads((folder / "prepare.json").read_text())
+        tasks.append(Task(name=name, data_args=("--dataset_name", str(folder)), record=record))
+    if custom:
+        tasks.append(custom)
+    if not tasks:
+        raise SystemExit("error: no task: pass --tasks and/or --dataset_name / --train_dir")
+    return tasks
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Runs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def run_argv(spec: RunSpec, task: Task, budget: Budget, model: str, output_dir: Path) -> list[str]:
+    """The examples/run.py command line of one run: only the method flags, LR and seed differ between runs."""
+    phases = ["--do_train", "--do_eval"] + (["--do_predict"] if spec.phase == "final" else [])
+    return [
+        "--model_name_or_path", model,
+        *task.data_args,
+        *METHODS[spec.method],
+        "--output_dir", str(output_dir),
+        "--overwrite_output_dir",
+        *phases,
+        "--image_size", str(budget.image_size),
+        "--max_steps", str(budget.max_steps),
+        "--per_device_train_batch_size", str(budget.train_batch_size),
+        "--per_device_eval_batch_size", str(budget.eval_batch_size),
+        "--learning_rate", f"{spec.learning_rate:g}",
+        "--warmup_steps", f"{budget.warmup:g}",
+        "--weight_decay", f"{budget.weight_decay:g}",
+        "--eval_strategy", "no",
+        "--save_strategy", "no",
+        "--logging_steps", str(max(1, budget.max_steps // 10)),
+        "--report_to", "none",
+        "--disable_tqdm", "true",
+        "--dataloader_num_workers", str(budget.dataloader_workers),
+        "--seed", str(spec.seed),
+        *method_settings(spec.method, budget),
+    ]  # fmt: skip
+
+
+def method_settings(method: str, budget: Budget) -> list[str]:
+    """The budget's BatchNorm momentum (every method) and gate learning rate (AdaFilter variants)."""
+    flags = []
+    if budget.batchnorm_momentum is not None:
+        flags += ["--batchnorm_momentum", f"{budget.batchnorm_momentum:g}"]
+    if method in ADAFILTER_METHODS and budget.gate_learning_rate is not None:
+        flags += ["--gate_learning_rate", f"{budget.gate_learning_rate:g}"]
+    return flags
+
+
+def plan_runs(tasks: Sequence[Task], methods: Sequence[str], budget: Budget) -> list[RunSpec]:
+    """Selection runs (one seed, every LR of the grid; skipped for a 1-LR grid) and then, per task and method,
+    the final seeds at the chosen LR (filled in once selection is done: `learning_rate` is NaN here)."""
+    runs = []
+    for task in tasks:
+        for method in methods:
+            grid = budget.lr_grids[method]
+            if len(grid) > 1:
+                runs += [RunSpec(task.name, method, lr, budget.selection_seed, "select") for lr in grid]
+            runs += [RunSpec(task.name, method, math.nan, seed, "final") for seed in budget.seeds]
+    return runs
+
+
+def fingerprint(spec: RunSpec, task: Task, budget: Budget, model: str) -> str:
+    """Identifies a run's settings, for --resume: same task data, method, LR, seed, budget and model."""
+    payload = {
+        "spec": asdict(spec),
+        "task": [task.data_args, task.record.get("sources"), task.record.get("sizes")],
+        "budget": asdict(budget),
+        "model": model,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def execute(spec: RunSpec, task: Task, budget: Budget, args: argparse.Namespace, work_dir: Path) -> dict:
+    """One run of examples/run.py in its own process (isolation, clean RNG, its own peak memory, its own time)."""
+    key = fingerprint(spec, task, budget, args.model_name_or_path)
+    run_dir = work_dir / f"{spec.task}-{spec.method}-{spec.phase}-{spec.seed}-{key}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    argv = run_argv(spec, task, budget, args.model_name_or_path, run_dir / "output")
+    result_path, log_path = run_dir / "result.json", run_dir / "log.txt"
+    command = [sys.executable, str(Path(__file__).resolve()), WORKER_FLAG, str(result_path), str(args.threads or 0),
+               *argv]  # fmt: skip
+    env = dict(os.environ, HF_HUB_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false")
+    if args.threads:
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    start = time.perf_counter()
+    with log_path.open("w") as log:
+        completed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    wall = time.perf_counter() - start
+    if completed.returncode != 0 or not result_path.is_file():
+        tail = log_path.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"run failed ({spec.label}), exit {completed.returncode}; log {log_path}:\n{tail}")
+    result = json.loads(result_path.read_text())
+    result.update(asdict(spec), key=key, wall_s=wall, command="examples/run.py " + shlex.join(argv))
+    if spec.phase == "final" and "test_accuracy" not in result["metrics"]:
+        raise RuntimeError(f"{spec.task} has no test split: give one (--test_dir or a dataset with 'test').")
+    if not args.keep_run_dirs:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return result
+
+
+def worker(result_path: str, threads: int, argv: list[str]) -> None:
+    """Inside the run's process: examples/run.py's main(argv), timed, with its peak memory."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    spec = importlib.util.spec_from_file_location("adafilter_run_example", RUN_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    start_cpu, start = time.process_time(), time.perf_counter()
+    metrics = module.main(argv)
+    output_dir = Path(argv[argv.index("--output_dir") + 1])
+    gate_file = output_dir / "gate_fractions.json"
+    result = {
+        "metrics": metrics,
+        "main_s": time.perf_counter() - start,
+        "cpu_s": time.process_time() - start_cpu,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "torch_threads": torch.get_num_threads(),
+        "eval_gate_fractions_per_layer": json.loads(gate_file.read_text()) if gate_file.is_file() else None,
+    }
+    Path(result_path).write_text(json.dumps(result, indent=1) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Orchestration
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def choose_learning_rate(selection: Sequence[dict], grid: Sequence[float]) -> float:
+    """Best validation accuracy; ties go to the lower validation loss, then to the first LR of the grid."""
+    if not selection:
+        return grid[0]
+    best = max(selection, key=lambda r: (r["metrics"]["eval_accuracy"], -r["metrics"]["eval_loss"]))
+    return best["learning_rate"]
+
+
+def prior_estimate_s(
+    runs: Sequence[RunSpec], budget: Budget, eval_images: dict[str, dict[str, int]]
+) -> float:
+    """Before anything is timed: step and per-image evaluation times measured at 96 px on 2 cores, scaled by
+    batch and pixels, times relative method costs. `eval_images`: {task: {split: images}} (missing: 1000)."""
+    pixels = (budget.image_size / 96) ** 2
+    total = 0.0
+    for run in runs:
+        sizes = eval_images.get(run.task, {})
+        images = sizes.get("validation", 1000) + (sizes.get("test", 1000) if run.phase == "final" else 0)
+        train = (
+            budget.max_steps
+            * PRIOR_FINETUNE_STEP_S
+            * (budget.train_batch_size / 32)
+            * PRIOR_STEP_COST[run.method]
+        )
+        evaluation = images * PRIOR_EVAL_S_PER_IMAGE * PRIOR_EVAL_COST[run.method]
+        total += PRIOR_RUN_OVERHEAD_S + (train + evaluation) * pixels
+    return total
+
+
+def eval_sizes(tasks: Sequence[Task]) -> dict[str, dict[str, int]]:
+    return {task.name: task.record.get("sizes_per_split", {}) for task in tasks}
+
+
+def remaining_estimate_s(
+    pending: Sequence[RunSpec], done: Sequence[dict], budget: Budget, eval_images: dict[str, dict[str, int]]
+) -> float:
+    """Median measured time of each method; methods not yet timed scale the measured ones by the prior costs."""
+    walls = defaultdict(list)
+    for result in done:
+        walls[result["method"]].append(result["wall_s"])
+    medians = {method: statistics.median(values) for method, values in walls.items()}
+    if not medians:
+        return prior_estimate_s(pending, budget, eval_images)
+    unit = statistics.median(medians[m] / PRIOR_STEP_COST[m] for m in medians)
+    return sum(medians.get(r.method, unit * PRIOR_STEP_COST[r.method]) for r in pending)
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
+
+
+def run_suite(args: argparse.Namespace, budget: Budget, tasks: Sequence[Task], work_dir: Path) -> list[dict]:
+    task_by_name = {task.name: task for task in tasks}
+    plan = plan_runs(tasks, args.methods, budget)
+    cache = load_cache(work_dir / "runs.jsonl") if args.resume else {}
+    print(f"plan: {len(plan)} runs ({sum(r.phase == 'select' for r in plan)} LR-selection, "
+          f"{sum(r.phase == 'final' for r in plan)} final), prior estimate {minutes(prior_estimate_s(plan, budget, eval_sizes(tasks)))} "
+          f"on 2 quiet CPU cores{CPU_ONLY_NOTE if args.full else ''}", flush=True)  # fmt: skip
+    done: list[dict] = []
+    chosen: dict[tuple[str, str], float] = {}
+    start = time.perf_counter()
+    pending = list(plan)
+    while pending:
+        spec = pending.pop(0)
+        if spec.phase == "final":
+            key = (spec.task, spec.method)
+            if key not in chosen:
+                selection = [r for r in done if r["phase"] == "select" and (r["task"], r["method"]) == key]
+                chosen[key] = choose_learning_rate(selection, budget.lr_grids[spec.method])
+            spec = replace(spec, learning_rate=chosen[key])
+        task = task_by_name[spec.task]
+        cached = cache.get(fingerprint(spec, task, budget, args.model_name_or_path))
+        result = cached or execute(spec, task, budget, args, work_dir)
+        if not cached:
+            append_cache(work_dir / "runs.jsonl", result)
+        done.append(result)
+        eta = remaining_estimate_s(
+            pending, [r for r in done if not r.get("resumed")], budget, eval_sizes(tasks)
+        )
+        accuracy = result["metrics"].get("test_accuracy", result["metrics"]["eval_accuracy"])
+        which = "test" if spec.phase == "final" else "val"
+        print(f"[{len(done)}/{len(plan)}] {spec.label}: {which} acc {accuracy:.4f}, "
+              f"{result['wall_s']:.0f} s{' (resumed)' if cached else ''}; elapsed "
+              f"{minutes(time.perf_counter() - start)}, remaining ~{minutes(eta)}", flush=True)  # fmt: skip
+        if cached:
+            result["resumed"] = True
+    return done
+
+
+def load_cache(path: Path) -> dict[str, dict]:
+    if not path.is_file():
+        return {}
+    return {entry["key"]: entry for entry in map(json.loads, path.read_text().splitlines()) if entry}
+
+
+def append_cache(path: Path, result: dict) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(result) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Summary and report
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    values = list(values)
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def collapsed_layers(fractions: dict[str, float] | None) -> tuple[int, int, int]:
+    """(layers gated all-0, all-1, total): a gate network that collapsed uses one bank everywhere."""
+    if not fractions:
+        return 0, 0, 0
+    values = list(fractions.values())
+    return (
+        sum(v <= COLLAPSE_MARGIN for v in values),
+        sum(v >= 1 - COLLAPSE_MARGIN for v in values),
+        len(values),
+    )
+
+
+def summarize(results: Sequence[dict], tasks: Sequence[str], methods: Sequence[str]) -> dict:
+    """Per task and method: chosen LR, mean/std test accuracy over seeds, gate use, timing."""
+    cells: dict[str, dict[str, dict]] = defaultdict(dict)
+    for task in tasks:
+        for method in methods:
+            finals = [r for r in results if (r["task"], r["method"], r["phase"]) == (task, method, "final")]
+            selection = [
+                r for r in results if (r["task"], r["method"], r["phase"]) == (task, method, "select")
+            ]
+            if not finals:
+                continue
+            accuracy = mean_std([r["metrics"]["test_accuracy"] for r in finals])
+            cell = {
+                "learning_rate": finals[0]["learning_rate"],
+                "selection": {f"{r['learning_rate']:g}": r["metrics"]["eval_accuracy"] for r in selection},
+                "test_accuracy_mean": accuracy[0],
+                "test_accuracy_std": accuracy[1],
+                "test_accuracy_per_seed": {r["seed"]: r["metrics"]["test_accuracy"] for r in finals},
+                "validation_accuracy_mean": mean_std([r["metrics"]["eval_accuracy"] for r in finals])[0],
+                "wall_s_median": statistics.median(r["wall_s"] for r in finals),
+                "train_s_median": statistics.median(
+                    r["metrics"].get("train_runtime", math.nan) for r in finals
+                ),
+                "peak_rss_mb_max": max(r["peak_rss_mb"] for r in finals),
+            }
+            if method in ADAFILTER_METHODS:
+                for split, prefix in (("validation", "eval"), ("test", "test")):
+                    values = [r["metrics"].get(f"{prefix}_gates/finetuned_fraction") for r in finals]
+                    if all(v is not None for v in values):
+                        cell[f"finetuned_fraction_{split}"] = statistics.fmean(values)
+                collapse = [collapsed_layers(r.get("eval_gate_fractions_per_layer")) for r in finals]
+                cell["collapsed_layers_all0"] = statistics.fmean(c[0] for c in collapse)
+                cell["collapsed_layers_all1"] = statistics.fmean(c[1] for c in collapse)
+                cell["gated_layers"] = collapse[0][2]
+            cells[task][method] = cell
+    return {"cells": cells, "differences": error_differences(cells, tasks, methods)}
+
+
+def error_differences(cells: dict, tasks: Sequence[str], methods: Sequence[str]) -> dict[str, dict]:
+    """Mean test error of each method minus that of fine-tuning, in points (negative: fewer errors)."""
+    differences = {}
+    for method in methods:
+        if method == "finetune":
+            continue
+        per_task = {
+            task: 100
+            * (cells[task]["finetune"]["test_accuracy_mean"] - cells[task][method]["test_accuracy_mean"])
+            for task in tasks
+            if "finetune" in cells.get(task, {}) and method in cells.get(task, {})
+        }
+        if per_task:
+            differences[method] = {"per_task": per_task, "mean": statistics.fmean(per_task.values())}
+    return differences
+
+
+def percent(mean: float, std: float | None = None) -> str:
+    return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
+
+
+def verdict(differences: dict, tasks: Sequence[str], quick: bool = False) -> str:
+    ada = differences.get("adafilter")
+    if ada is None:
+        return "AdaFilter and fine-tuning were not both run: no verdict."
+    if quick:
+        return (
+            f"Quick smoke run: AdaFilter − fine-tuning = {ada['mean']:+.2f} error points, which means nothing at "
+            "this scale (a few steps on tiny subsets); run without --quick for the comparison."
+        )
+    wins = sum(v < 0 for v in ada["per_task"].values())
+    mean = ada["mean"]
+    outcome = (
+        "**AdaFilter beats standard fine-tuning here**"
+        if mean < 0
+        else "**AdaFilter does NOT beat standard fine-tuning here**"
+    )
+    why = "" if mean < 0 else " What was checked and why: `transfer_investigation.md` beside this file."
+    return (
+        f"{outcome}: its mean test error is {mean:+.2f} points relative to fine-tuning (negative = fewer errors; "
+        f"the paper reports {-PAPER_MEAN_ERROR_REDUCTION:+.2f} on its 7 datasets), lower on {wins} of "
+        f"{len(ada['per_task'])} tasks.{why}"
+    )
+
+
+def machine_description(threads: int | None) -> str:
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    cores = os.cpu_count()
+    return (
+        f"{platform.processor() or platform.machine()}, {cores} cores, {device}, torch {torch.__version__}, "
+        f"threads per run: {threads or torch.get_num_threads()}, Python {platform.python_version()}"
+    )
+
+
+def write_markdown(
+    path: Path, report: dict, tasks: Sequence[Task], methods: Sequence[str], budget: Budget, meta: dict
+) -> None:
+    cells, differences = report["cells"], report["differences"]
+    names = [t.name for t in tasks]
+    quick = meta["preset"] == "quick"
+    lines = [f"# Transfer benchmark{' (QUICK SMOKE RUN: not a result)' if quick else ''}", ""]
+    if quick:
+        lines += ["> Produced by `--quick`: tiny subsets, a few steps, one seed. It checks that the pipeline runs; "
+                  "its numbers say nothing about AdaFilter.", ""]  # fmt: skip
+    lines += [verdict(differences, names, quick), "", "## Test accuracy (%), mean ± std over seeds", ""]
+    lines += ["| method | " + " | ".join(names) + " | mean | Δ error vs fine-tuning (points) |"]
+    lines += ["|---" * (len(names) + 3) + "|"]
+    for method in methods:
+        row = [METHOD_TITLES[method]]
+        means = []
+        for task in names:
+            cell = cells.get(task, {}).get(method)
+            row.append(percent(cell["test_accuracy_mean"], cell["test_accuracy_std"]) if cell else "–")
+            if cell:
+                means.append(cell["test_accuracy_mean"])
+        row.append(percent(statistics.fmean(means)) if len(means) == len(names) else "–")
+        diff = differences.get(method)
+        row.append("0 (reference)" if method == "finetune" else f"{diff['mean']:+.2f}" if diff else "–")
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Δ error = test error of the method − test error of standard fine-tuning, in percentage points, "
+              "averaged over tasks (negative: the method makes fewer errors). Per task:", ""]  # fmt: skip
+    lines += ["| method | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for method, diff in differences.items():
+        lines.append("| " + METHOD_TITLES[method] + " | "
+                     + " | ".join(f"{diff['per_task'][t]:+.2f}" if t in diff["per_task"] else "–" for t in names) + " |")  # fmt: skip
+    lines += gate_section(cells, names, methods)
+    lines += timing_section(cells, names, methods)
+    lines += selection_section(cells, names, methods, budget)
+    lines += setup_section(tasks, budget, meta)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def gate_section(cells: dict, names: Sequence[str], methods: Sequence[str]) -> list[str]:
+    ada = [m for m in methods if m in ADAFILTER_METHODS]
+    if not ada:
+        return []
+    lines = ["", "## Fine-tuned fraction (AdaFilter variants)", "",
+             "Share of filters that use the fine-tuned bank (weighted by filter count), mean over seeds, on "
+             "validation / test; collapsed layers: gated layers whose validation fraction is ≤ 2% (all pre-trained) "
+             "or ≥ 98% (all fine-tuned), of all gated layers.", "",
+             "| method | task | validation | test | collapsed all-0 | collapsed all-1 |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for method in ada:
+        for task in names:
+            cell = cells.get(task, {}).get(method)
+            if not cell:
+                continue
+            fractions = [cell.get(f"finetuned_fraction_{s}") for s in ("validation", "test")]
+            shown = [f"{v:.3f}" if v is not None else "–" for v in fractions]
+            total = cell.get("gated_layers", 0)
+            lines.append(f"| {METHOD_TITLES[method]} | {task} | {shown[0]} | {shown[1]} | "
+                         f"{cell['collapsed_layers_all0']:.1f} / {total} | {cell['collapsed_layers_all1']:.1f} / {total} |")  # fmt: skip
+    return lines
+
+
+def timing_section(cells: dict, names: Sequence[str], methods: Sequence[str]) -> list[str]:
+    lines = ["", "## Time per final run (median over tasks and seeds)", "",
+             "| method | wall time per run (s) | of which training (s) | peak RSS (MB) |", "|---|---|---|---|"]  # fmt: skip
+    for method in methods:
+        run_cells = [cells[t][method] for t in names if method in cells.get(t, {})]
+        if not run_cells:
+            continue
+        wall = statistics.median(c["wall_s_median"] for c in run_cells)
+        train = statistics.median(c["train_s_median"] for c in run_cells)
+        rss = max(c["peak_rss_mb_max"] for c in run_cells)
+        lines.append(f"| {METHOD_TITLES[method]} | {wall:.0f} | {train:.0f} | {rss:.0f} |")
+    return lines
+
+
+def selection_section(cells: dict, names: Sequence[str], methods: Sequence[str], budget: Budget) -> list[str]:
+    lines = ["", "## Learning rates chosen on the validation split", "",
+             "Validation accuracy (%) of each LR of the grid on the selection seed "
+             f"({budget.selection_seed}); the chosen LR in bold. The final seeds never take part in the choice.", "",
+             "| method | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]  # fmt: skip
+    for method in methods:
+        row = []
+        for task in names:
+            cell = cells.get(task, {}).get(method)
+            if not cell:
+                row.append("–")
+                continue
+            chosen = f"{cell['learning_rate']:g}"
+            entries = [f"**{lr}: {100 * acc:.1f}**" if lr == chosen else f"{lr}: {100 * acc:.1f}"
+                       for lr, acc in cell["selection"].items()]  # fmt: skip
+            row.append(", ".join(entries) if entries else f"**{chosen}** (grid of one)")
+        lines.append(f"| {METHOD_TITLES[method]} | " + " | ".join(row) + " |")
+    return lines
+
+
+def setup_section(tasks: Sequence[Task], budget: Budget, meta: dict) -> list[str]:
+    lines = ["", "## Setup", "",
+             f"- Command: `{meta['command']}`",
+             f"- Date: {meta['date']}; total wall time {minutes(meta['total_wall_s'])} for {meta['runs']} runs "
+             f"({meta['test_evaluations']} of them evaluated the test split, once each).",
+             f"- Machine: {meta['machine']}.",
+             f"- Backbone: `{meta['model']}`; every run goes through `examples/run.py` in its own process.",
+             f"- Budget, identical for every method: {budget.max_steps} steps at batch {budget.train_batch_size}, "
+             f"{budget.image_size} px, AdamW, linear decay after {budget.warmup:.0%} warm-up, weight decay "
+             f"{budget.weight_decay:g}; the pipeline's augmentation (random resized crop, horizontal flip); "
+             f"evaluation at the end only (resize + centre crop). Final seeds {', '.join(map(str, budget.seeds))}; "
+             f"LR selection on seed {budget.selection_seed}.",
+             f"- BatchNorm momentum {budget.batchnorm_momentum if budget.batchnorm_momentum is not None else 'of the backbone'} "
+             "(PyTorch meaning) for every method; the linear probe keeps the pretrained statistics.",
+             "- AdaFilter variants: gate network at learning rate "
+             f"{f'{budget.gate_learning_rate:g}' if budget.gate_learning_rate is not None else 'of the rest'}, "
+             "Gumbel temperature 5 → 0.5 over the run (geometric), no gate regulariser (examples/run.py defaults "
+             "otherwise).",
+             "- Why these two settings (validation-only experiments): `transfer_investigation.md` beside this file.",
+             "- Tasks:"]  # fmt: skip
+    for task in tasks:
+        record = task.record
+        if "sizes_per_split" in record:
+            sizes = record["sizes_per_split"]
+            lines.append(f"  - `{task.name}`: {len(record['classes'])} classes ({', '.join(record['classes'])}); "
+                         f"{sizes['train']} train / {sizes['validation']} validation / {sizes['test']} test images "
+                         f"(`benchmarks/prepare_data.py --scale {record['scale']}`, seed {record['seed']}).")  # fmt: skip
+        else:
+            lines.append(f"  - `{task.name}`: `{record.get('source', '')}`.")
+    lines += ["- GPU columns (`--full --image_size 224` on a GPU, the paper's resolution) are **not measured "
+              "here**: this machine has no GPU. The same script produces them where one is available.",
+              "- Raw results of every run: the `.json` beside this file; the chart: the `.png`."]  # fmt: skip
+    return lines
+
+
+def write_chart(path: Path, report: dict, tasks: Sequence[str], methods: Sequence[str], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = report["cells"]
+    width = 0.8 / max(len(methods), 1)
+    fig, ax = plt.subplots(figsize=(max(7.0, 2.2 + 2.2 * len(tasks)), 4.8))
+    for index, method in enumerate(methods):
+        xs, means, stds = [], [], []
+        for position, task in enumerate(tasks):
+            cell = cells.get(task, {}).get(method)
+            if cell:
+                xs.append(position + (index - (len(methods) - 1) / 2) * width)
+                means.append(100 * cell["test_accuracy_mean"])
+                stds.append(100 * cell["test_accuracy_std"])
+        ax.bar(xs, means, width, yerr=stds, capsize=3, label=METHOD_TITLES[method])
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_ylabel("test accuracy (%), mean ± std over seeds")
+    lows = [100 * c["test_accuracy_mean"] for t in cells.values() for c in t.values()]
+    ax.set_ylim(max(0.0, min(lows, default=0.0) - 15), 100)
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def output_prefix(args: argparse.Namespace) -> Path:
+    if args.output_prefix is not None:
+        return args.output_prefix
+    suffix = "_quick" if args.quick else "_full" if args.full else ""
+    return RESULTS_DIR / f"transfer{suffix}"
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == [WORKER_FLAG]:  # a run's own process; its flags are examples/run.py's
+        worker(argv[1], int(argv[2]), argv[3:])
+        return {}
+    args = parse_args(argv)
+    if args.threads:
+        os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    budget = budget_from_args(args)
+    try:
+        tasks = resolve_tasks(args, budget)
+    except prepare_data.MissingPackageError as error:
+        raise SystemExit(f"error: {error}") from None
+    prefix = output_prefix(args)
+    plan = plan_runs(tasks, args.methods, budget)
+    if args.dry_run:
+        for spec in plan:
+            print(spec.label.replace("lr=nan", "lr=<chosen>"))
+        estimate = prior_estimate_s(plan, budget, eval_sizes(tasks))
+        print(
+            f"{len(plan)} runs, prior estimate {minutes(estimate)} on 2 quiet CPU cores{CPU_ONLY_NOTE if args.full else ''}"
+        )
+        return {}
+    work_dir = args.data_dir / "runs" / prefix.name
+    work_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    results = run_suite(args, budget, tasks, work_dir)
+    total = time.perf_counter() - start
+    names = [t.name for t in tasks]
+    report = summarize(results, names, args.methods)
+    meta = {
+        "preset": "quick" if args.quick else "full" if args.full else "default",
+        "command": "python benchmarks/transfer.py " + shlex.join(argv),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine_description(args.threads),
+        "model": args.model_name_or_path,
+        "total_wall_s": total,
+        "runs": len(results),
+        "test_evaluations": sum(r["phase"] == "final" for r in results),
+    }
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    write_markdown(prefix.with_suffix(".md"), report, tasks, args.methods, budget, meta)
+    title = f"AdaFilter vs baselines, {args.model_name_or_path}, {budget.image_size} px" + (
+        " (QUICK)" if args.quick else ""
+    )
+    write_chart(prefix.with_suffix(".png"), report, names, args.methods, title)
+    payload = {
+        "meta": meta,
+        "budget": asdict(budget),
+        "tasks": [asdict(t) for t in tasks],
+        **report,
+        "runs": results,
+    }
+    prefix.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    print(
+        f"\n{verdict(report['differences'], names, args.quick)}\nwrote {prefix}.md/.json/.png in {minutes(total)}"
+    )
+    return payload
+
+
+if __name__ == "__main__":
+    main()
