@@ -5,14 +5,60 @@ Travels to the Hub as remote code: relative imports only, nothing beyond torch/t
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from .gating import GateController
+from .fused import (
+    BankOp,
+    FoldedBanks,
+    FusedGatedBanks,
+    FusedSpec,
+    NormSpec,
+    SpatialMean,
+    bank_op,
+    batchnorm_running_stats,
+    batchnorm_step,
+    batchnorms_compatible,
+    fold_banks,
+    is_plain_batchnorm,
+    joins_well,
+    merged_forward,
+    prefer_merged,
+    tensors_key,
+    two_bank_forward,
+    uses_batch_statistics,
+)
+from .gating import GateController
+
+IMPLEMENTATIONS = ("reference", "fused", "merged", "auto")
+_UNSUPPORTED = object()
+
+
+@contextlib.contextmanager
+def gated_implementation(name: str) -> Iterator[None]:
+    """Runs every gated layer (and the gate controller) with implementation `name` inside the block.
+
+    "reference" is the definition: both banks as modules, two norms, a mix, module calls in the gate controller.
+    "fused": training (and any forward that needs autograd) runs both banks, norms and mix in one autograd function
+    (`fused.FusedGatedBanks`); inference (no grad, norms in eval mode) folds each norm into its bank and computes
+    both banks, then selects. "merged": as "fused", but inference always uses per-example merged kernels (one conv
+    per layer). "auto" (the default): "fused" in training, and in inference merged or both banks per layer by a cost
+    model (`fused.prefer_merged`). All but "reference" also use the lean gate controller. All give the reference's
+    outputs and gradients up to float rounding (tests/test_fast_paths.py).
+    """
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {name!r}.")
+    previous = GatedLayer.implementation, GateController.implementation
+    GatedLayer.implementation = name
+    GateController.implementation = "reference" if name == "reference" else "auto"
+    try:
+        yield
+    finally:
+        GatedLayer.implementation, GateController.implementation = previous
 
 
 class GatedLayer(nn.Module):
@@ -23,7 +69,18 @@ class GatedLayer(nn.Module):
     with gated norm each bank gets its own BatchNorm (their statistics differ once the copy trains), otherwise one
     BatchNorm normalises the mixture. Unknown attribute reads fall through to `base_layer` (padding helpers read
     `.stride`, `.kernel_size`).
+
+    `implementation` (class-wide, or per instance) picks the forward: see `gated_implementation`. Layers whose
+    modules the fast paths cannot replicate exactly (custom conv forwards, norms other than plain BatchNorm) run
+    the reference forward whatever it says.
     """
+
+    implementation: str = "auto"
+    # Tuning switches of the fused training path, kept for benchmarking alternatives (see FusedSpec, joins_well).
+    split_weight_grad: bool = True
+    join_banks: bool = True
+    _folded: FoldedBanks | None = None
+    _op: object = None
 
     def __init__(
         self, base_layer: nn.Module, norm: nn.BatchNorm2d | None = None, gated_norm: bool = True
@@ -69,6 +126,13 @@ class GatedLayer(nn.Module):
             return hidden_states.mean(dim=tuple(range(1, hidden_states.ndim - 1)))
         return hidden_states.mean(dim=(2, 3))
 
+    def _fast_pool(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`pool` with a backward that does not materialise a full-size gradient (see SpatialMean)."""
+        if not (torch.is_grad_enabled() and hidden_states.requires_grad):
+            return self.pool(hidden_states)
+        dims = tuple(range(1, hidden_states.ndim - 1)) if self.channels_last else (2, 3)
+        return SpatialMean.apply(hidden_states, dims)
+
     def broadcast(self, gates: torch.Tensor, ndim: int) -> torch.Tensor:
         if self.channels_last:
             return gates.view(gates.shape[0], *([1] * (ndim - 2)), gates.shape[1])
@@ -79,7 +143,20 @@ class GatedLayer(nn.Module):
             raise RuntimeError(
                 "GatedLayer is not attached to a gate controller; build it through AdaFilterModel."
             )
-        gates = self._controller[0](self.layer_index, self.pool(hidden_states))
+        implementation = self.implementation
+        if implementation == "reference":
+            gates = self._controller[0](self.layer_index, self.pool(hidden_states))
+        else:
+            if implementation not in IMPLEMENTATIONS:
+                raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}.")
+            gates = self._controller[0](self.layer_index, self._fast_pool(hidden_states))
+            mixed = self._fast_forward(hidden_states, gates, implementation)
+            if mixed is not None:
+                return mixed
+        return self._reference_forward(hidden_states, gates)
+
+    def _reference_forward(self, hidden_states: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """The definition: both banks as their own modules, each normalised by its own norm, mixed per filter."""
         pretrained = self.base_layer(hidden_states)
         finetuned = self.finetuned_layer(hidden_states)
         if self.finetuned_norm is not None:
@@ -92,5 +169,132 @@ class GatedLayer(nn.Module):
             mixed = self.base_norm(mixed)
         return mixed
 
+    # ------------------------------------------------------------------ fast paths
+
+    def _bank_op(self) -> BankOp | None:
+        """The banks as a functional op, or None where only the reference forward is exact; analysed once (module
+        types do not change)."""
+        op = self._op
+        if op is None:
+            modules = self._modules
+            op = bank_op(modules["base_layer"])
+            same_type = type(modules["finetuned_layer"]) is type(modules["base_layer"])
+            norms = [
+                modules.get(name) for name in ("finetuned_norm", "base_norm") if modules.get(name) is not None
+            ]
+            if op is None or not same_type or not all(is_plain_batchnorm(norm) for norm in norms):
+                op = _UNSUPPORTED
+            self._op = op
+        return None if op is _UNSUPPORTED else op
+
+    def _fast_forward(
+        self, hidden_states: torch.Tensor, gates: torch.Tensor, implementation: str
+    ) -> torch.Tensor | None:
+        op = self._bank_op()
+        if op is None:
+            return None
+        modules = self._modules
+        finetuned_norm, base_norm = modules.get("finetuned_norm"), modules.get("base_norm")
+        if not torch.is_grad_enabled() and not (
+            (base_norm is not None and uses_batch_statistics(base_norm))
+            or (finetuned_norm is not None and uses_batch_statistics(finetuned_norm))
+        ):
+            return self._folded_forward(op, hidden_states, gates, implementation)
+        if torch.compiler.is_compiling():
+            # The fused function's hand-written backward uses ops dynamo cannot trace (graph breaks at every
+            # layer); under torch.compile the reference formulation is traced whole and inductor fuses it itself.
+            return None
+        return self._fused_forward(op, hidden_states, gates)
+
+    def _fused_forward(
+        self, op: BankOp, hidden_states: torch.Tensor, gates: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Training (and inference with autograd): both banks, their norms and the mix in one autograd function."""
+        finetuned_norm, base_norm = self.finetuned_norm, self.base_norm
+        if finetuned_norm is not None and not batchnorms_compatible(finetuned_norm, base_norm):
+            return None
+        if (self.finetuned_layer.bias is None) != (self.base_layer.bias is None):
+            return None
+        hidden_states = op.prepare(self.base_layer, hidden_states)
+        weights = op.weight(self.finetuned_layer), op.weight(self.base_layer)
+        biases = self.finetuned_layer.bias, self.base_layer.bias
+        device_type = hidden_states.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        if autocast:
+            # What autocast does to each bank's conv: inputs, weights and biases in the lower precision.
+            dtype = torch.get_autocast_dtype(device_type)
+            hidden_states = hidden_states.to(dtype)
+            weights = tuple(w.to(dtype) for w in weights)
+            biases = tuple(b.to(dtype) if b is not None else None for b in biases)
+        norm_spec, norm_params, running = None, (None,) * 4, ((None, None), (None, None))
+        if finetuned_norm is not None:
+            norm_spec = NormSpec(uses_batch_statistics(base_norm), batchnorm_step(base_norm), base_norm.eps)
+            batchnorm_step(finetuned_norm)
+            norm_params = finetuned_norm.weight, finetuned_norm.bias, base_norm.weight, base_norm.bias
+            running = batchnorm_running_stats(finetuned_norm), batchnorm_running_stats(base_norm)
+        spec = FusedSpec(
+            op,
+            norm_spec,
+            join=self.join_banks and joins_well(op, hidden_states, weights[0]),
+            split_weight_grad=self.split_weight_grad,
+        )
+        with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+            mixed = FusedGatedBanks.apply(
+                hidden_states, gates.to(weights[1].dtype), *weights, *biases, *norm_params, *running, spec
+            )
+        if base_norm is not None and finetuned_norm is None:
+            mixed = base_norm(mixed)
+        return mixed
+
+    def _folded_forward(
+        self, op: BankOp, hidden_states: torch.Tensor, gates: torch.Tensor, implementation: str
+    ) -> torch.Tensor:
+        """Inference: banks with folded norms, as per-example merged kernels or both banks and a select."""
+        folded = self._folded_banks(op)
+        hidden_states = op.prepare(self._modules["base_layer"], hidden_states)
+        merged = implementation == "merged"
+        if implementation == "auto":
+            positions = op.output_positions(hidden_states, folded.weight_f.shape[2:])
+            merged = prefer_merged(op, folded.weight_f, positions, hidden_states.shape[0])
+        if merged:
+            return merged_forward(op, hidden_states, gates, folded)
+        return two_bank_forward(op, hidden_states, gates, folded)
+
+    def _folded_banks(self, op: BankOp) -> FoldedBanks:
+        named = self._modules
+        finetuned_norm, base_norm = named.get("finetuned_norm"), named.get("base_norm")
+        # Without gated norm the shared norm follows the mix; it folds into both banks alike.
+        norms = (finetuned_norm, base_norm) if finetuned_norm is not None else (base_norm, base_norm)
+        modules = (named["finetuned_layer"], named["base_layer"], *norms)
+        if torch.compiler.is_compiling():
+            return fold_banks(op, *modules)
+        key = tensors_key(_folding_sources(modules))
+        folded = self._folded
+        if folded is None or folded.key != key:
+            folded = self._folded = fold_banks(op, *modules, key=key)
+        return folded
+
+    def train(self, mode: bool = True) -> GatedLayer:
+        if mode:
+            # Training moves the banks: drop the folded copy rather than keep it in memory.
+            self._folded = None
+        return super().train(mode)
+
+    def _apply(self, fn, recurse: bool = True):
+        self._folded = None
+        return super()._apply(fn, recurse)
+
     def extra_repr(self) -> str:
         return f"layer_index={self.layer_index}, gated_norm={self.finetuned_norm is not None}"
+
+
+def _folding_sources(modules: tuple[nn.Module | None, ...]) -> list[torch.Tensor]:
+    """Every tensor a folded bank is computed from (read through the modules' dicts: this runs every call)."""
+    return [
+        tensor
+        for module in modules
+        if module is not None
+        for table in (module._parameters, module._buffers)
+        for tensor in table.values()
+        if tensor is not None
+    ]

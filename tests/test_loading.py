@@ -70,6 +70,7 @@ def test_auto_classes_load_adafilter(tmp_path):
         "gating.py",
         "backbones.py",
         "compact.py",
+        "fused.py",
     ):
         assert (tmp_path / name).is_file(), name
     assert not (tmp_path / "pretrained.py").exists(), "package-only modules do not travel as remote code"

@@ -1,0 +1,616 @@
+"""Speed and memory of AdaFilter against standard fine-tuning of the same backbone.
+
+For each model config it measures, in one run with the variants interleaved (ABCABC...) and medians over repeated
+steps after warm-up:
+
+- the training step (forward, backward, AdamW step) of AdaFilter vs fine-tuning every parameter of the plain
+  backbone + linear head, as a ratio;
+- the peak memory of one training run per variant, each in its own subprocess (CPU: peak RSS; CUDA:
+  `torch.cuda.max_memory_allocated`), as a ratio;
+- inference latency (eval mode, no grad) at batch 1 and batch 32 of AdaFilter vs the plain backbone, as ratios.
+
+AdaFilter runs twice: with the reference two-bank layers ("before") and with the fast paths ("after").
+
+    python benchmarks/speed.py                      # CPU, writes benchmarks/results/speed.md
+    python benchmarks/speed.py --device cuda        # GPU rows, fp32 and bf16
+    python benchmarks/speed.py --quick              # smoke run on tiny models, a few seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import functools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from hf_adafilter import AdaFilterForImageClassification  # noqa: E402
+from hf_adafilter.fused import BankOp, bank_op, depthwise_weight_grad_is_faster  # noqa: E402
+from hf_adafilter.layers import gated_implementation  # noqa: E402
+
+NUM_LABELS = 10
+VARIANTS = ("finetune", "reference", "fast")
+VARIANT_TITLES = {
+    "finetune": "fine-tuning / plain",
+    "reference": "AdaFilter before",
+    "fast": "AdaFilter after",
+}
+DW_METRIC = "train_step_fast_depthwise_baseline"
+TARGETS = {"train_step": 1.6, "infer_b1": 1.2, "infer_b32": 2.0, "peak_memory": 1.5}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One benchmarked backbone: how to build the plain classifier, and the input sizes per device."""
+
+    name: str
+    build: Callable[[], transformers.PreTrainedModel]
+    image_size: dict[str, int]
+    train_batch: dict[str, int]
+    infer_batches: tuple[int, ...] = (1, 32)
+
+
+def _lite0() -> transformers.PreTrainedModel:
+    """ImageNet EfficientNet-Lite0 with a fresh 10-class head."""
+    from hf_adafilter.pretrained import load_packaged_backbone
+
+    pretrained, _ = load_packaged_backbone("efficientnet-lite0")
+    config = pretrained.config.to_dict()
+    for key in ("id2label", "label2id", "architectures"):
+        config.pop(key, None)
+    torch.manual_seed(0)
+    model = transformers.EfficientNetForImageClassification(
+        transformers.EfficientNetConfig(**{**config, "num_labels": NUM_LABELS})
+    )
+    model.efficientnet.load_state_dict(pretrained.efficientnet.state_dict())
+    return model
+
+
+def _resnet50() -> transformers.PreTrainedModel:
+    """ResNet-50's shape (transformers' default ResNetConfig), random weights."""
+    torch.manual_seed(0)
+    return transformers.ResNetForImageClassification(transformers.ResNetConfig(num_labels=NUM_LABELS))
+
+
+def _tiny_resnet() -> transformers.PreTrainedModel:
+    torch.manual_seed(0)
+    config = transformers.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=NUM_LABELS
+    )
+    return transformers.ResNetForImageClassification(config)
+
+
+CONFIGS = {
+    "efficientnet-lite0": ModelConfig(
+        "efficientnet-lite0",
+        _lite0,
+        image_size={"cpu": 128, "cuda": 128},
+        train_batch={"cpu": 32, "cuda": 32},
+    ),
+    "resnet-50": ModelConfig(
+        "resnet-50", _resnet50, image_size={"cpu": 128, "cuda": 224}, train_batch={"cpu": 8, "cuda": 16}
+    ),
+    "tiny-resnet": ModelConfig(
+        "tiny-resnet",
+        _tiny_resnet,
+        image_size={"cpu": 32, "cuda": 32},
+        train_batch={"cpu": 4, "cuda": 4},
+        infer_batches=(1, 4),
+    ),
+}
+
+
+@dataclass
+class Settings:
+    device: str = "cpu"
+    dtype: str = "fp32"
+    threads: int = 2
+    warmup: int = 2
+    train_repeats: int = 7
+    infer_repeats: int = 9
+    memory_steps: int = 3
+
+
+# ----------------------------------------------------------------------------- building and stepping
+
+
+def build_variant(config: ModelConfig, variant: str) -> transformers.PreTrainedModel:
+    """The fine-tuning baseline (every parameter trainable) or AdaFilter wrapped around the same backbone."""
+    plain = config.build()
+    if variant == "finetune":
+        return plain.requires_grad_(True)
+    torch.manual_seed(0)
+    return AdaFilterForImageClassification.from_backbone(plain, num_labels=NUM_LABELS)
+
+
+class _DepthwiseFastWeightGrad(torch.autograd.Function):
+    """A depthwise conv whose weight gradient is AdaFilter's (`fused.depthwise_weight_grad`)."""
+
+    @staticmethod
+    def forward(ctx, hidden_states: torch.Tensor, weight: torch.Tensor, op: BankOp) -> torch.Tensor:
+        ctx.op = op
+        ctx.save_for_backward(hidden_states, weight)
+        return op(hidden_states, weight, None)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        hidden_states, weight = ctx.saved_tensors
+        mask = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], False)
+        grad_input, grad_weight, _ = ctx.op.backward(grad, hidden_states, weight, False, mask)
+        return grad_input, grad_weight, None
+
+
+def give_fast_depthwise_grad(model: torch.nn.Module) -> int:
+    """Lets plain fine-tuning use the depthwise weight-gradient kernel of AdaFilter's fused path, so its share of
+    the speed-up can be told apart from AdaFilter's own; returns how many convs were switched."""
+    switched = 0
+    for module in model.modules():
+        op = bank_op(module) if isinstance(module, torch.nn.Conv2d) else None
+        if (
+            op is None
+            or module.bias is not None
+            or not depthwise_weight_grad_is_faster(module.weight, op.groups)
+        ):
+            continue
+
+        def forward(hidden_states, module=module, op=op):
+            return _DepthwiseFastWeightGrad.apply(op.prepare(module, hidden_states), module.weight, op)
+
+        module.forward = forward
+        switched += 1
+    return switched
+
+
+def implementation_of(variant: str) -> str:
+    return "reference" if variant == "reference" else "auto"
+
+
+def autocast_context(settings: Settings) -> contextlib.AbstractContextManager:
+    if settings.dtype == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[settings.dtype]
+    return torch.autocast(settings.device, dtype=dtype)
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_train_step(
+    model: transformers.PreTrainedModel, variant: str, batch: int, size: int, settings: Settings
+) -> Callable[[], None]:
+    """One AdamW step on a fixed random batch, run under the variant's implementation."""
+    device = settings.device
+    model.to(device).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randn(batch, 3, size, size, generator=generator).to(device)
+    labels = torch.randint(0, NUM_LABELS, (batch,), generator=generator).to(device)
+
+    def step() -> None:
+        with gated_implementation(implementation_of(variant)), autocast_context(settings):
+            optimizer.zero_grad(set_to_none=True)
+            loss = model(pixels, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+
+    return step
+
+
+def make_inference(
+    model: transformers.PreTrainedModel, variant: str, batch: int, size: int, settings: Settings
+) -> Callable[[], None]:
+    device = settings.device
+    model.to(device).eval()
+    pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
+
+    def forward() -> None:
+        with gated_implementation(implementation_of(variant)), autocast_context(settings), torch.no_grad():
+            model(pixels)
+
+    return forward
+
+
+def time_interleaved(
+    steps: dict[str, Callable[[], None]], warmup: int, repeats: int, device: str
+) -> dict[str, float]:
+    """Median seconds per call of each step, calling them in turn (ABCABC...) so drift hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for round_index in range(warmup + repeats):
+        for name, step in steps.items():
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            if round_index >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+# ----------------------------------------------------------------------------- peak memory, one subprocess each
+
+
+def _rss_bytes(field: str = "VmRSS") -> int:
+    """Current (VmRSS) or peak (VmHWM) resident memory of this process.
+
+    Not `getrusage().ru_maxrss`: Linux carries it over from the parent through fork and exec, so a probe started by
+    a benchmark that has already grown would report the parent's peak.
+    """
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def memory_probe(config: ModelConfig, variant: str, settings: Settings) -> dict[str, float]:
+    """Peak memory of a few training steps of one variant (run inside a fresh subprocess)."""
+    torch.set_num_threads(settings.threads)
+    device = settings.device
+    model = build_variant(config, variant)
+    step = make_train_step(model, variant, config.train_batch[device], config.image_size[device], settings)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = _rss_bytes()
+    for _ in range(settings.memory_steps):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = _rss_bytes("VmHWM")
+    return {"peak": float(peak), "before_training": float(before)}
+
+
+def run_memory_probes(config: ModelConfig, settings: Settings) -> dict[str, dict[str, float]]:
+    results = {}
+    for variant in VARIANTS:
+        command = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--probe-memory",
+            config.name,
+            variant,
+            "--device",
+            settings.device,
+            "--dtype",
+            settings.dtype,
+            "--threads",
+            str(settings.threads),
+            "--memory-steps",
+            str(settings.memory_steps),
+        ]
+        completed = subprocess.run(command, capture_output=True, text=True, check=False, cwd=ROOT)
+        if completed.returncode != 0:
+            raise RuntimeError(f"memory probe {config.name}/{variant} failed:\n{completed.stderr[-3000:]}")
+        results[variant] = json.loads(completed.stdout.strip().splitlines()[-1])
+    return results
+
+
+# ----------------------------------------------------------------------------- one config
+
+
+@dataclass
+class ConfigResult:
+    name: str
+    device: str
+    dtype: str
+    image_size: int
+    train_batch: int
+    seconds: dict[str, dict[str, float]] = field(default_factory=dict)  # metric -> variant -> median s
+    memory: dict[str, dict[str, float]] = field(default_factory=dict)  # variant -> peak, before_training
+
+
+def benchmark_config(config: ModelConfig, settings: Settings, measure_memory: bool = True) -> ConfigResult:
+    device = settings.device
+    size, batch = config.image_size[device], config.train_batch[device]
+    result = ConfigResult(config.name, device, settings.dtype, size, batch)
+    models = {variant: build_variant(config, variant) for variant in VARIANTS}
+    # The fast and reference AdaFilter must be the same model: copy the weights, not just the seed.
+    models["fast"].load_state_dict(models["reference"].state_dict())
+    steps = {v: make_train_step(m, v, batch, size, settings) for v, m in models.items()}
+    finetune_dw = build_variant(config, "finetune")
+    if give_fast_depthwise_grad(finetune_dw):
+        steps["finetune_dw"] = make_train_step(finetune_dw, "finetune", batch, size, settings)
+    train = time_interleaved(steps, settings.warmup, settings.train_repeats, device)
+    result.seconds["train_step"] = {v: train[v] for v in VARIANTS}
+    if "finetune_dw" in train:
+        result.seconds[DW_METRIC] = {**result.seconds["train_step"], "finetune": train["finetune_dw"]}
+    del finetune_dw
+    for infer_batch in config.infer_batches:
+        forwards = {v: make_inference(m, v, infer_batch, size, settings) for v, m in models.items()}
+        repeats = settings.infer_repeats * (3 if infer_batch == 1 else 1)
+        warmup = settings.warmup * (3 if infer_batch == 1 else 1)
+        result.seconds[f"infer_b{infer_batch}"] = time_interleaved(forwards, warmup, repeats, device)
+    del models, steps
+    if measure_memory:
+        result.memory = run_memory_probes(config, settings)
+    return result
+
+
+# ----------------------------------------------------------------------------- inference cost-model sweep
+
+# (in, out, map size, kernel, groups): Lite0 and ResNet-50 layers at the benchmark's input sizes.
+SWEEP_LAYERS = (
+    (16, 96, 64, 1, 1),
+    (96, 96, 64, 3, 96),
+    (24, 144, 32, 1, 1),
+    (144, 24, 32, 1, 1),
+    (240, 240, 16, 5, 240),
+    (80, 480, 8, 1, 1),
+    (480, 80, 8, 1, 1),
+    (192, 1152, 4, 1, 1),
+    (320, 1280, 4, 1, 1),
+    (64, 64, 32, 3, 1),
+    (256, 256, 8, 3, 1),
+)
+
+
+def layer_sweep(settings: Settings, batches: tuple[int, ...] = (1, 32), repeats: int = 7) -> list[str]:
+    """Median time of one folded inference layer as per-example merged kernels and as both banks plus a select,
+    with the cost model's pick: the measurements `fused.prefer_merged` is calibrated on."""
+    from hf_adafilter.fused import BankOp, FoldedBanks, merged_forward, prefer_merged, two_bank_forward
+
+    rows = [
+        "| layer (in -> out, map, kernel, groups) | batch | merged | two banks + select | cost model picks |",
+        "|---|---|---|---|---|",
+    ]
+    generator = torch.Generator().manual_seed(0)
+    for channels_in, channels_out, size, kernel, groups in SWEEP_LAYERS:
+        shape = (channels_out, channels_in // groups, kernel, kernel)
+        weight_f, weight_s = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+        bias_f, bias_s = torch.randn(channels_out), torch.randn(channels_out)
+        joined = torch.cat((weight_f, weight_s)) if groups == 1 else None
+        joined_bias = torch.cat((bias_f, bias_s)) if groups == 1 else None
+        folded = FoldedBanks((), weight_f, weight_s, bias_f, bias_s, joined, joined_bias)
+        op = BankOp(linear=False, groups=groups, padding=(kernel // 2, kernel // 2))
+        for batch in batches:
+            pixels = torch.randn(batch, channels_in, size, size, generator=generator)
+            gates = (torch.rand(batch, channels_out, generator=generator) > 0.5).float()
+            with torch.no_grad():
+                seconds = time_interleaved(
+                    {
+                        "merged": functools.partial(merged_forward, op, pixels, gates, folded),
+                        "two-bank": functools.partial(two_bank_forward, op, pixels, gates, folded),
+                    },
+                    warmup=2,
+                    repeats=repeats,
+                    device="cpu",
+                )
+            pick = "merged" if prefer_merged(op, weight_f, size * size, batch) else "two-bank"
+            faster = min(seconds, key=seconds.get)
+            rows.append(
+                f"| {channels_in} -> {channels_out}, {size}x{size}, {kernel}x{kernel}, {groups} | {batch} "
+                f"| {seconds['merged'] * 1e3:.2f} ms | {seconds['two-bank'] * 1e3:.2f} ms "
+                f"| {pick}{'' if pick == faster else ' (slower)'} |"
+            )
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def ratios(values: dict[str, float]) -> tuple[float, float]:
+    """(before, after): AdaFilter reference and fast, each over the fine-tuning / plain baseline."""
+    return values["reference"] / values["finetune"], values["fast"] / values["finetune"]
+
+
+def _verdict(ratio: float, target: float) -> str:
+    return "meets" if ratio <= target else "misses"
+
+
+def result_rows(result: ConfigResult) -> list[str]:
+    rows = []
+    labels = {
+        "train_step": f"training step, batch {result.train_batch}",
+        "infer_b1": "inference, batch 1",
+        "infer_b32": "inference, batch 32",
+        "infer_b4": "inference, batch 4",
+        DW_METRIC: "training step vs fine-tuning given AdaFilter's depthwise weight-gradient kernel",
+    }
+    for metric, values in result.seconds.items():
+        before, after = ratios(values)
+        target = TARGETS.get(metric)
+        target_text = f"<= {target}x ({_verdict(after, target)})" if target else ""
+        rows.append(
+            f"| {result.name} | {result.image_size} | {result.dtype} | {labels.get(metric, metric)} "
+            f"| {values['finetune'] * 1e3:.1f} ms | {values['reference'] * 1e3:.1f} ms | {before:.2f}x "
+            f"| {values['fast'] * 1e3:.1f} ms | **{after:.2f}x** | {target_text} |"
+        )
+    if result.memory:
+        peaks = {v: m["peak"] for v, m in result.memory.items()}
+        before, after = ratios(peaks)
+        unit = "RSS" if result.device == "cpu" else "allocated"
+        target = TARGETS["peak_memory"]
+        rows.append(
+            f"| {result.name} | {result.image_size} | {result.dtype} | training peak {unit} "
+            f"| {peaks['finetune'] / 2**20:.0f} MiB | {peaks['reference'] / 2**20:.0f} MiB | {before:.2f}x "
+            f"| {peaks['fast'] / 2**20:.0f} MiB | **{after:.2f}x** | <= {target}x ({_verdict(after, target)}) |"
+        )
+        growth = {v: m["peak"] - m["before_training"] for v, m in result.memory.items()}
+        before, after = ratios(growth)
+        rows.append(
+            f"| {result.name} | {result.image_size} | {result.dtype} | training growth of {unit} (peak - after "
+            f"build) | {growth['finetune'] / 2**20:.0f} MiB | {growth['reference'] / 2**20:.0f} MiB "
+            f"| {before:.2f}x | {growth['fast'] / 2**20:.0f} MiB | **{after:.2f}x** | |"
+        )
+    return rows
+
+
+def machine_description(settings: Settings) -> list[str]:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    lines = [
+        f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
+        f"- CPU: {cpu}, {os.cpu_count()} logical cores; `torch.set_num_threads({settings.threads})`",
+        f"- torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}",
+    ]
+    if settings.device == "cuda":
+        lines.append(f"- GPU: {torch.cuda.get_device_name()}")
+    return lines
+
+
+def render(results: list[ConfigResult], settings: Settings, command: str, load: tuple[str, str]) -> str:
+    header = [
+        "| model | px | dtype | metric | fine-tuning / plain | AdaFilter before (reference) | before ratio "
+        "| AdaFilter after (fast paths) | after ratio | target |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = [row for result in results for row in result_rows(result)]
+    lines = [
+        f"## {settings.device.upper()} ({', '.join(sorted({r.dtype for r in results}))})",
+        "",
+        f"Command: `{command}`",
+        "",
+        *machine_description(settings),
+        f"- load average (1 min) at start / end: {load[0]} / {load[1]}",
+        f"- medians of {settings.train_repeats} training steps and {settings.infer_repeats} (batch 1: "
+        f"{3 * settings.infer_repeats}) inference calls after warm-up, variants interleaved; peak memory from "
+        f"{settings.memory_steps} training steps in a fresh subprocess per variant",
+        "",
+        *header,
+        *rows,
+        "",
+    ]
+    return "\n".join(lines)
+
+
+GPU_PLACEHOLDER = (
+    "## CUDA\n\nNot measured: the machine these results come from has no GPU. On a GPU machine, "
+    "`python benchmarks/speed.py --device cuda` fills this section with fp32 and bf16 rows (ResNet-50 at 224 px, "
+    "batch 16; peak memory from `torch.cuda.max_memory_allocated`).\n"
+)
+
+
+def update_report(path: Path, device: str, section: str) -> None:
+    """Replaces this device's section of the report, keeping the other device's and the hand-written notes."""
+    sections = {"cpu": "", "cuda": GPU_PLACEHOLDER}
+    notes = ""
+    if path.exists():
+        text = path.read_text()
+        for name in sections:
+            begin, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+            if begin in text and end in text:
+                sections[name] = text.split(begin, 1)[1].split(end, 1)[0].strip("\n") + "\n"
+        if NOTES_MARKER in text:
+            notes = text[text.index(NOTES_MARKER) :]
+    sections[device] = section
+    parts = [REPORT_TITLE]
+    for name, body in sections.items():
+        parts.append(f"<!-- {name} -->\n{body}<!-- /{name} -->\n")
+    path.write_text("\n".join(parts) + ("\n" + notes if notes else ""))
+
+
+REPORT_TITLE = (
+    "# AdaFilter speed and memory\n\n"
+    "Written by `benchmarks/speed.py` (the sections between the markers); ratios are AdaFilter over standard "
+    "fine-tuning of the same backbone (all parameters trainable, same AdamW, batch and input) for training, and "
+    "over the plain backbone for inference. *Before* is the reference two-bank implementation "
+    '(`gated_implementation("reference")`), *after* the default fast paths.\n'
+)
+NOTES_MARKER = "## Notes"
+
+
+def _load_average() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "n/a"
+
+
+def run(
+    configs: list[ModelConfig], settings: Settings, measure_memory: bool = True
+) -> tuple[list[ConfigResult], tuple[str, str]]:
+    torch.set_num_threads(settings.threads)
+    start_load = _load_average()
+    results = [benchmark_config(config, settings, measure_memory) for config in configs]
+    return results, (start_load, _load_average())
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["fp32", "bf16", "fp16", "all"],
+        help="Autocast dtype; default fp32 on CPU, fp32 and bf16 ('all') on CUDA.",
+    )
+    parser.add_argument("--configs", default="efficientnet-lite0,resnet-50")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--quick", action="store_true", help="Tiny model, few repeats: a smoke run.")
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--memory-steps", type=int, default=3)
+    parser.add_argument(
+        "--sweep", action="store_true", help="Also time merged vs two-bank inference per layer shape (CPU)."
+    )
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="Report to update (default: benchmarks/results/speed.md; --quick: none).",
+    )
+    parser.add_argument("--probe-memory", nargs=2, metavar=("CONFIG", "VARIANT"), help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    dtypes = [args.dtype or ("all" if args.device == "cuda" else "fp32")]
+    if dtypes == ["all"]:
+        dtypes = ["fp32", "bf16"]
+    settings = Settings(
+        device=args.device, dtype=dtypes[0], threads=args.threads, memory_steps=args.memory_steps
+    )
+    if args.probe_memory:
+        print(json.dumps(memory_probe(CONFIGS[args.probe_memory[0]], args.probe_memory[1], settings)))
+        return
+    names = ["tiny-resnet"] if args.quick else args.configs.split(",")
+    if args.quick:
+        settings.warmup, settings.train_repeats, settings.infer_repeats, settings.memory_steps = 1, 2, 2, 1
+    command = "python benchmarks/speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    sections = []
+    for dtype in dtypes:
+        settings.dtype = dtype
+        results, load = run([CONFIGS[name] for name in names], settings, not args.no_memory)
+        sections.append(render(results, settings, command.strip(), load))
+    if args.sweep:
+        sections.append(
+            "### Inference cost model: one folded layer, merged vs two banks\n\n"
+            + "\n".join(layer_sweep(settings))
+            + "\n"
+        )
+    report = "\n".join(sections)
+    print(report)
+    output = args.output or (None if args.quick else str(ROOT / "benchmarks" / "results" / "speed.md"))
+    if output:
+        update_report(Path(output), args.device, report)
+
+
+if __name__ == "__main__":
+    main()
