@@ -73,10 +73,16 @@ def test_regulariser_moves_the_finetuned_fraction_toward_its_target(tmp_path, ki
     dataset = colour_dataset()
     before = mean_fraction(model, dataset)
     gate_args = AdaFilterArguments(
-        gate_regularization=kind, gate_regularization_weight=10.0, gate_target_ratio=target, gate_learning_rate=0.05
+        gate_regularization=kind,
+        gate_regularization_weight=10.0,
+        gate_target_ratio=target,
+        gate_learning_rate=0.05,
     )
     trainer = AdaFilterTrainer(
-        model=model, args=training_args(tmp_path, max_steps=20), train_dataset=dataset, adafilter_args=gate_args
+        model=model,
+        args=training_args(tmp_path, max_steps=20),
+        train_dataset=dataset,
+        adafilter_args=gate_args,
     )
     trainer.train()
     after = mean_fraction(model, dataset)
@@ -103,12 +109,15 @@ def test_temperature_schedule_hits_its_end_value(tmp_path):
         adafilter_args=gate_args,
     )
     trainer.train()
-    temperatures = [entry["gates/temperature"] for entry in trainer.state.log_history if "gates/temperature" in entry]
+    temperatures = [
+        entry["gates/temperature"] for entry in trainer.state.log_history if "gates/temperature" in entry
+    ]
     assert temperatures[0] == pytest.approx(4.0)
     assert temperatures[-1] == pytest.approx(0.25)
     assert all(a > b for a, b in zip(temperatures, temperatures[1:], strict=False))
     assert model.adafilter.gate_controller.temperature == pytest.approx(0.25)
-    assert gumbel_temperature_at(4, 9, 4.0, 0.25) == pytest.approx(1.0)  # geometric: midpoint is sqrt(4 * 0.25)
+    # geometric: the midpoint is sqrt(4 * 0.25)
+    assert gumbel_temperature_at(4, 9, 4.0, 0.25) == pytest.approx(1.0)
 
 
 def test_frozen_bank_is_unchanged_by_training(tmp_path):
@@ -122,7 +131,9 @@ def test_frozen_bank_is_unchanged_by_training(tmp_path):
     frozen_after = model.adafilter.pretrained_state_dict()
     assert frozen_before.keys() == frozen_after.keys()
     assert all(torch.equal(frozen_before[k], frozen_after[k]) for k in frozen_before)
-    moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, trainable_before[n])]
+    moved = [
+        n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, trainable_before[n])
+    ]
     assert any("finetuned_layer" in n for n in moved) and any("gate_controller" in n for n in moved)
 
 
