@@ -50,6 +50,8 @@ DEFAULT_ARGS = [
     "--per_device_train_batch_size", "32",
     "--per_device_eval_batch_size", "64",
     "--learning_rate", "1e-3",
+    "--gate_learning_rate", "1e-2",
+    "--batchnorm_momentum", "0.1",
     "--weight_decay", "0.01",
     "--warmup_steps", "10",
     "--eval_strategy", "epoch",
