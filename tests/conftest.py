@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -13,6 +14,7 @@ os.environ.setdefault("HF_ADAFILTER_CACHE", tempfile.mkdtemp(prefix="hf_adafilte
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from hub_server import LocalHub  # noqa: E402
 
 TINY_BACKBONE_CONFIGS = {
     # Bottleneck blocks with a projection shortcut: plain convs + BatchNorm.
@@ -38,6 +40,16 @@ TINY_BACKBONE_CONFIGS = {
 }
 FAMILIES = tuple(TINY_BACKBONE_CONFIGS)
 IMAGE_SIZE = 32
+# The package modules a saved model carries as remote code (and nothing else of the package).
+REMOTE_CODE_FILES = (
+    "configuration_adafilter.py",
+    "modeling_adafilter.py",
+    "layers.py",
+    "gating.py",
+    "backbones.py",
+    "compact.py",
+    "fused.py",
+)
 
 
 def tiny_backbone_config(family: str) -> transformers.PreTrainedConfig:
@@ -58,6 +70,28 @@ def random_backbone(family: str, seed: int = 0) -> transformers.PreTrainedModel:
     return backbone.eval()
 
 
+def perturb_finetuned_bank(
+    model,
+    seed: int = 3,
+    scale: float = 0.5,
+    mean_shift: float = 0.3,
+    gain: float = 1.5,
+    bias_shift: float = 0.0,
+) -> None:
+    """Moves the trainable bank (and its norms) away from the pre-trained one, as training would."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.adafilter.gated_layers.values():
+            for tensor in layer.finetuned_layer.parameters():
+                tensor.add_(
+                    scale * torch.randn(tensor.shape, generator=generator) * tensor.std().clamp_min(1e-3)
+                )
+            if layer.finetuned_norm is not None:
+                layer.finetuned_norm.running_mean.add_(mean_shift)
+                layer.finetuned_norm.weight.mul_(gain)
+                layer.finetuned_norm.bias.add_(bias_shift)
+
+
 def pixel_batch(batch_size: int = 4, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
@@ -66,3 +100,19 @@ def pixel_batch(batch_size: int = 4, seed: int = 1) -> torch.Tensor:
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="module")
+def hub_server() -> Iterator[LocalHub]:
+    """One local Hub server per test module."""
+    with LocalHub() as server:
+        yield server
+
+
+@pytest.fixture
+def hub(hub_server: LocalHub) -> Iterator[LocalHub]:
+    """The shared server; the test fails if it hit an unknown route or crashed meanwhile."""
+    n_unhandled, n_errors = len(hub_server.unhandled), len(hub_server.errors)
+    yield hub_server
+    assert hub_server.unhandled[n_unhandled:] == [], "client used endpoints LocalHub does not implement"
+    assert hub_server.errors[n_errors:] == [], "LocalHub crashed while serving"

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
-from conftest import FAMILIES, pixel_batch, random_backbone
+from conftest import FAMILIES, REMOTE_CODE_FILES, pixel_batch, random_backbone
 from hub_server import LocalHub, hub_env, last_json_line, run_python
 from huggingface_hub import ModelCard
 from test_run import REPO, RUN_SCRIPT, make_imagefolder
@@ -25,15 +24,6 @@ from hf_adafilter.hub import push_model_card, render_model_card
 
 TESTS = Path(__file__).resolve().parent
 LABELS = {0: "cat", 1: "dog", 2: "fox"}
-REMOTE_CODE_FILES = {
-    "configuration_adafilter.py",
-    "modeling_adafilter.py",
-    "layers.py",
-    "gating.py",
-    "backbones.py",
-    "compact.py",
-    "fused.py",
-}
 
 
 def trained_looking(model: AdaFilterForImageClassification, seed: int = 3) -> AdaFilterForImageClassification:
@@ -293,20 +283,6 @@ REFUSAL_SCRIPT = """
         "alias": attempt("tester/af-alias"),
     }))
 """
-
-
-@pytest.fixture(scope="module")
-def hub_server() -> Iterator[LocalHub]:
-    with LocalHub() as server:
-        yield server
-
-
-@pytest.fixture
-def hub(hub_server: LocalHub) -> Iterator[LocalHub]:
-    n_unhandled, n_errors = len(hub_server.unhandled), len(hub_server.errors)
-    yield hub_server
-    assert hub_server.unhandled[n_unhandled:] == [], "client used endpoints LocalHub does not implement"
-    assert hub_server.errors[n_errors:] == [], "LocalHub crashed while serving"
 
 
 def client_env(hub: LocalHub, home: Path, **extra: str) -> dict[str, str]:

@@ -17,26 +17,10 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from hub_server import LocalHub, git_blob_sha1, hub_env, last_json_line, parse_card_data, run_python
-
-
-@pytest.fixture(scope="module")
-def hub_server() -> Iterator[LocalHub]:
-    with LocalHub() as server:
-        yield server
-
-
-@pytest.fixture
-def hub(hub_server: LocalHub) -> Iterator[LocalHub]:
-    """The shared server; the test fails if it hit an unknown route or crashed meanwhile."""
-    n_unhandled, n_errors = len(hub_server.unhandled), len(hub_server.errors)
-    yield hub_server
-    assert hub_server.unhandled[n_unhandled:] == [], "client used endpoints LocalHub does not implement"
-    assert hub_server.errors[n_errors:] == [], "LocalHub crashed while serving"
 
 
 def _request(

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import FAMILIES, pixel_batch, random_backbone
+from conftest import FAMILIES, REMOTE_CODE_FILES, pixel_batch, random_backbone
 from PIL import Image
 
 from hf_adafilter import AdaFilterForImageClassification, AdaFilterModel
@@ -63,15 +63,7 @@ def test_auto_classes_load_adafilter(tmp_path):
         "AutoModel": "modeling_adafilter.AdaFilterModel",
         "AutoModelForImageClassification": "modeling_adafilter.AdaFilterForImageClassification",
     }
-    for name in (
-        "configuration_adafilter.py",
-        "modeling_adafilter.py",
-        "layers.py",
-        "gating.py",
-        "backbones.py",
-        "compact.py",
-        "fused.py",
-    ):
+    for name in REMOTE_CODE_FILES:
         assert (tmp_path / name).is_file(), name
     assert not (tmp_path / "pretrained.py").exists(), "package-only modules do not travel as remote code"
     classifier = transformers.AutoModelForImageClassification.from_pretrained(tmp_path)
