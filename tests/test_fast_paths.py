@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import pixel_batch, random_backbone
+from conftest import perturb_finetuned_bank, pixel_batch, random_backbone
 from torch import nn
 
 from hf_adafilter import AdaFilterForImageClassification
@@ -34,17 +34,7 @@ def perturbed_model(
 ) -> AdaFilterForImageClassification:
     """Both banks (and norms) different, as after training, so a path that mixed them up would show."""
     model = AdaFilterForImageClassification.from_backbone(random_backbone(family), num_labels=5, **overrides)
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for layer in model.adafilter.gated_layers.values():
-            for tensor in layer.finetuned_layer.parameters():
-                tensor.add_(
-                    0.3 * torch.randn(tensor.shape, generator=generator) * tensor.std().clamp_min(1e-3)
-                )
-            if layer.finetuned_norm is not None:
-                layer.finetuned_norm.running_mean.add_(0.2)
-                layer.finetuned_norm.weight.mul_(1.3)
-                layer.finetuned_norm.bias.add_(0.1)
+    perturb_finetuned_bank(model, seed=3, scale=0.3, mean_shift=0.2, gain=1.3, bias_shift=0.1)
     return model.to(dtype)
 
 

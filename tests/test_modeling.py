@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from conftest import FAMILIES, pixel_batch, random_backbone, tiny_backbone_config
+from conftest import FAMILIES, perturb_finetuned_bank, pixel_batch, random_backbone, tiny_backbone_config
 
 from hf_adafilter import AdaFilterConfig, AdaFilterForImageClassification
 from hf_adafilter.layers import GatedLayer
@@ -15,20 +15,6 @@ TOLERANCE = 1e-5
 
 def adafilter_from(backbone: transformers.PreTrainedModel, **overrides) -> AdaFilterForImageClassification:
     return AdaFilterForImageClassification.from_backbone(backbone, num_labels=5, **overrides)
-
-
-def perturb_finetuned_bank(model: AdaFilterForImageClassification, seed: int = 3) -> None:
-    """Moves the trainable bank (and its norms) away from the pre-trained one, as training would."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in model.adafilter.gated_layers.values():
-            for tensor in layer.finetuned_layer.parameters():
-                tensor.add_(
-                    0.5 * torch.randn(tensor.shape, generator=generator) * tensor.std().clamp_min(1e-3)
-                )
-            if layer.finetuned_norm is not None:
-                layer.finetuned_norm.running_mean.add_(0.3)
-                layer.finetuned_norm.weight.mul_(1.5)
 
 
 def pooled(model: AdaFilterForImageClassification, pixels: torch.Tensor) -> torch.Tensor:
