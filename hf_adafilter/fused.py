@@ -364,11 +364,10 @@ class NormSpec:
 class FusedSpec:
     op: BankOp
     norm: NormSpec | None
-    # One kernel over concatenated banks (groups == 1) rather than one per bank.
+    # One kernel over concatenated banks (groups == 1) rather than one per bank. Backward then still takes the
+    # weight gradient of the fine-tuned bank alone (from a contiguous copy of its output gradient) unless the
+    # frozen bank wants one too, rather than of the concatenated weight, half of which would be discarded.
     join: bool
-    # With `join`: weight gradient of the fine-tuned bank alone (from a contiguous copy of its output gradient)
-    # rather than of the concatenated weight, half of which would be discarded.
-    split_weight_grad: bool = True
 
 
 class FusedGatedBanks(torch.autograd.Function):
@@ -620,7 +619,7 @@ def _banks_backward(
             grad_input = grad_input.add_(grad_input_s)
         return grad_input, (grad_weight_f, grad_weight_s), (grad_bias_f, grad_bias_s)
     weight = ctx.joined_weight
-    if want_s or not spec.split_weight_grad:
+    if want_s:
         grad_input, grad_weight, grad_bias = op.backward(
             joined, hidden_states, weight, has_bias, (needs[0], want_f or want_s, True)
         )

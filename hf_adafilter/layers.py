@@ -76,9 +76,6 @@ class GatedLayer(nn.Module):
     """
 
     implementation: str = "auto"
-    # Tuning switches of the fused training path, kept for benchmarking alternatives (see FusedSpec, joins_well).
-    split_weight_grad: bool = True
-    join_banks: bool = True
     _folded: FoldedBanks | None = None
     _op: object = None
 
@@ -232,12 +229,7 @@ class GatedLayer(nn.Module):
             batchnorm_step(finetuned_norm)
             norm_params = finetuned_norm.weight, finetuned_norm.bias, base_norm.weight, base_norm.bias
             running = batchnorm_running_stats(finetuned_norm), batchnorm_running_stats(base_norm)
-        spec = FusedSpec(
-            op,
-            norm_spec,
-            join=self.join_banks and joins_well(op, hidden_states, weights[0]),
-            split_weight_grad=self.split_weight_grad,
-        )
+        spec = FusedSpec(op, norm_spec, join=joins_well(op, hidden_states, weights[0]))
         with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
             mixed = FusedGatedBanks.apply(
                 hidden_states, gates.to(weights[1].dtype), *weights, *biases, *norm_params, *running, spec
