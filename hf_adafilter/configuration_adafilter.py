@@ -38,6 +38,11 @@ class AdaFilterConfig(PreTrainedConfig):
             Hidden size of the shared recurrent cell.
         gumbel_temperature (`float`, *optional*, defaults to 1.0):
             Initial temperature of the straight-through Gumbel-softmax used in training (annealed by the trainer).
+        gate_init_log_odds (`float`, *optional*, defaults to 0.0):
+            Initial bias of every gate head, i.e. every filter's learnable prior log-odds of using the fine-tuned
+            bank. The paper's zero makes training decisions fair coin flips that the gates cannot leave in a short
+            run; a negative prior starts from the pre-trained filters, and each filter moves to the fine-tuned bank
+            only where the task loss asks for it.
         gated_norm (`bool`, *optional*, defaults to `True`):
             Normalise the two banks by separate BatchNorms before mixing (the paper's gated batch norm). `False` is
             the paper's ablation: one BatchNorm after mixing.
@@ -66,6 +71,7 @@ class AdaFilterConfig(PreTrainedConfig):
     gate_input_size: int = 64
     gate_hidden_size: int = 64
     gumbel_temperature: float | int = 1.0
+    gate_init_log_odds: float | int = 0.0
     gated_norm: bool = True
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
@@ -106,6 +112,7 @@ class AdaFilterConfig(PreTrainedConfig):
                 raise ValueError(f"AdaFilterConfig.{name} must be a positive integer, got {value!r}.")
         self.gumbel_temperature = _positive_float("gumbel_temperature", self.gumbel_temperature)
         self.initializer_range = _positive_float("initializer_range", self.initializer_range)
+        self.gate_init_log_odds = _float("gate_init_log_odds", self.gate_init_log_odds)
         if self.classifier_dropout is not None:
             dropout = _float("classifier_dropout", self.classifier_dropout)
             if not 0.0 <= dropout < 1.0:

@@ -15,15 +15,21 @@ from torch import nn
 _NOISE_EPS = 1e-6
 
 
-def straight_through_gates(log_odds: torch.Tensor, temperature: float) -> torch.Tensor:
+def straight_through_gates(
+    log_odds: torch.Tensor, temperature: float, noise_scale: float = 1.0
+) -> torch.Tensor:
     """Hard 0/1 samples whose gradient is that of the relaxed (Gumbel-softmax) sample.
 
     With two classes, Gumbel-softmax over logits (a, b) equals sigmoid((b - a + L) / t) with L ~ Logistic(0, 1),
-    so one noise draw per filter suffices. `hard + (soft - soft.detach())` is exactly 0 or 1 in value (x - x == 0),
-    unlike `hard - soft.detach() + soft`, which can round to 0.99999994.
+    so one noise draw per filter suffices. The temperature only reshapes the gradient: which bank is chosen is
+    `log_odds + L > 0` at any temperature. `noise_scale` multiplies L, so annealing it to 0 makes the training
+    decisions converge to the evaluation decisions (`log_odds > 0`). `hard + (soft - soft.detach())` is exactly 0
+    or 1 in value (x - x == 0), unlike `hard - soft.detach() + soft`, which can round to 0.99999994.
     """
-    uniform = torch.rand_like(log_odds).clamp_(_NOISE_EPS, 1.0 - _NOISE_EPS)
-    noisy = log_odds + torch.log(uniform) - torch.log1p(-uniform)
+    noisy = log_odds
+    if noise_scale > 0:
+        uniform = torch.rand_like(log_odds).clamp_(_NOISE_EPS, 1.0 - _NOISE_EPS)
+        noisy = log_odds + noise_scale * (torch.log(uniform) - torch.log1p(-uniform))
     soft = torch.sigmoid(noisy / temperature)
     hard = (noisy > 0).to(soft.dtype)
     return hard + (soft - soft.detach())
@@ -51,6 +57,7 @@ class GateController(nn.Module):
         input_size: int = 64,
         hidden_size: int = 64,
         temperature: float = 1.0,
+        noise_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.network = network
@@ -65,9 +72,12 @@ class GateController(nn.Module):
         else:
             raise ValueError(f"gate network must be 'lstm', 'gru' or 'independent', got {network!r}.")
         head_size = input_size if self.cell is None else hidden_size
-        # Two logits per filter: keep the pre-trained filter, or use the fine-tuned one.
-        self.heads = nn.ModuleList(nn.Linear(head_size, 2 * channels) for channels in out_channels)
+        # One log-odds per filter (fine-tuned vs pre-trained): the paper's two logits per filter enter the
+        # decision only through their difference, so this is the same function class with half the head. The
+        # head's bias is the filter's learnable prior; the weights add the per-example term.
+        self.heads = nn.ModuleList(nn.Linear(head_size, channels) for channels in out_channels)
         self.temperature = float(temperature)
+        self.noise_scale = float(noise_scale)
         self.forced_value: float | None = None
         self.reset()
 
@@ -90,7 +100,7 @@ class GateController(nn.Module):
         else:
             log_odds = self._log_odds(index, pooled)
         if self.training:
-            gates = straight_through_gates(log_odds, self.temperature)
+            gates = straight_through_gates(log_odds, self.temperature, self.noise_scale)
             self._probs[index] = torch.sigmoid(log_odds)
         else:
             gates = (log_odds > 0).to(log_odds.dtype)
@@ -106,8 +116,7 @@ class GateController(nn.Module):
             self._state = features = self.cell(features, self._state)
         else:
             features = torch.relu(features)
-        logits = self.heads[index](features).unflatten(-1, (-1, 2))
-        return logits[..., 1] - logits[..., 0]
+        return self.heads[index](features)
 
     def _log_odds(self, index: int, pooled: torch.Tensor) -> torch.Tensor:
         """`_reference_log_odds` with the modules' forwards inlined: identical ATen calls, identical numbers, but
@@ -134,8 +143,7 @@ class GateController(nn.Module):
                 weights["bias_hh"],
             )
             features = self._state[0] if lstm else self._state
-        logits = F.linear(features, head["weight"], head["bias"])
-        return logits[..., 1::2] - logits[..., 0::2]
+        return F.linear(features, head["weight"], head["bias"])
 
     def _parameter_tables(self) -> list[tuple[dict, dict]]:
         """Each layer's (projection, head) parameter dicts; the dicts live as long as the modules, so parameters

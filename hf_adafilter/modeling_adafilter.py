@@ -108,11 +108,14 @@ class AdaFilterPreTrainedModel(PreTrainedModel):
                 init.uniform_(parameter, -bound, bound)
 
     def initialize_weights(self) -> None:
-        """The backbone's own init also runs over both banks; re-copy the pre-trained bank so they start equal."""
+        """The backbone's own init also runs over both banks; re-copy the pre-trained bank so they start equal.
+        Gate heads start at the configured prior log-odds (loaded tensors are skipped)."""
         super().initialize_weights()
         for module in self.modules():
             if isinstance(module, AdaFilterModel):
                 module.sync_finetuned_bank()
+                for head in module.gate_controller.heads:
+                    init.constant_(head.bias, self.config.gate_init_log_odds)
 
     @classmethod
     def from_pretrained(
