@@ -50,16 +50,45 @@ class AdaFilterArguments:
     gumbel_temperature_end: float = field(
         default=0.5, metadata={"help": "Temperature at the last step (geometric annealing in between)."}
     )
+    gate_init_log_odds: float = field(
+        default=0.0,
+        metadata={
+            "help": "Initial prior log-odds of every filter using the fine-tuned bank (gate head bias)."
+        },
+    )
+    gate_noise_start: float = field(
+        default=1.0,
+        metadata={"help": "Scale of the Gumbel (logistic) noise of training decisions at step 0."},
+    )
+    gate_noise_end: float = field(
+        default=0.0,
+        metadata={
+            "help": "Noise scale at the last step (linear in between); 0 makes the last training decisions the "
+            "evaluation decisions."
+        },
+    )
     gate_learning_rate: float | None = field(
-        default=None, metadata={"help": "Learning rate of the gate network (default: --learning_rate)."}
+        default=1e-2,
+        metadata={
+            "help": "Learning rate of the gate network (None: --learning_rate). With Adam a parameter moves about "
+            "one learning rate per step, so at a CNN's 1e-3 the log-odds barely leave their start in a short run."
+        },
     )
     batchnorm_momentum: float | None = field(
-        default=None,
+        default=0.1,
         metadata={
             "help": "BatchNorm momentum while training, PyTorch meaning (weight of the new batch), for every "
-            "method. Default: the backbone's (0.01 for the packaged Lite0, TF's 0.99, made for ImageNet-length "
-            "runs: after a few hundred fine-tuning steps the evaluation statistics are still largely ImageNet's). "
-            "0.1 suits short fine-tuning runs."
+            "method (None: the backbone's). Backbones converted from TF carry 0.01 (TF's 0.99, made for "
+            "ImageNet-length runs): after a few hundred fine-tuning steps their evaluation statistics are still "
+            "largely ImageNet's."
+        },
+    )
+
+    evaluate_forced_gates: bool = field(
+        default=False,
+        metadata={
+            "help": "Also evaluate with every gate forced to the fine-tuned and to the pre-trained bank "
+            "(two extra passes per evaluated split): the learned gates should beat both."
         },
     )
 
@@ -77,6 +106,9 @@ class AdaFilterArguments:
         for name in ("gumbel_temperature_start", "gumbel_temperature_end"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}.")
+        for name in ("gate_noise_start", "gate_noise_end"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")
         if self.gate_learning_rate is not None and not self.gate_learning_rate > 0:
             raise ValueError(f"--gate_learning_rate must be > 0, got {self.gate_learning_rate}.")
         if self.batchnorm_momentum is not None and not 0.0 < self.batchnorm_momentum <= 1.0:
@@ -91,6 +123,7 @@ class AdaFilterArguments:
             "gated_norm",
             "target_modules",
             "exclude_modules",
+            "gate_init_log_odds",
         )
         overrides = {key: value for key, value in asdict(self).items() if key in keys}
         overrides["gumbel_temperature"] = self.gumbel_temperature_start

@@ -326,6 +326,11 @@ def training_settings(
         "gate regularisation": regularization,
         "Gumbel-softmax temperature": f"{adafilter_args.gumbel_temperature_start:g} -> "
         f"{adafilter_args.gumbel_temperature_end:g} (geometric annealing)",
+        "gate prior log-odds at init": f"{config.gate_init_log_odds:g}",
+        "gate decision noise": f"{adafilter_args.gate_noise_start:g} -> {adafilter_args.gate_noise_end:g} (linear)",
+        "BatchNorm momentum": "the backbone's"
+        if adafilter_args.batchnorm_momentum is None
+        else f"{adafilter_args.batchnorm_momentum:g} (PyTorch meaning)",
         "precision": precision,
         "seed": str(args.seed),
     }

@@ -55,42 +55,82 @@ def set_batchnorm_momentum(model: nn.Module, momentum: float) -> None:
             module.momentum = momentum
 
 
-class GumbelTemperatureCallback(TrainerCallback):
-    """Anneals the Gumbel-softmax temperature from `start` (soft, exploratory gates) to `end` (near-discrete)."""
+def gate_noise_at(step: int, max_steps: int, start: float, end: float) -> float:
+    """Linear interpolation: the noise scale can reach exactly 0."""
+    progress = min(step / max(max_steps - 1, 1), 1.0)
+    return start + (end - start) * progress
 
-    def __init__(self, start: float, end: float) -> None:
-        self.start, self.end = start, end
 
-    def _set(self, model: nn.Module | None, temperature: float) -> None:
+class GateScheduleCallback(TrainerCallback):
+    """Anneals the Gumbel-softmax temperature (geometric, shapes the gradient) and the scale of the decision noise
+    (linear, decides how often training decisions differ from the evaluation ones) over the run."""
+
+    def __init__(self, adafilter_args: AdaFilterArguments) -> None:
+        self.args = adafilter_args
+
+    def _set(self, model: nn.Module | None, step: int, max_steps: int) -> None:
         adafilter = _adafilter(model)
         if adafilter is not None:
-            adafilter.set_gumbel_temperature(temperature)
+            a = self.args
+            adafilter.set_gumbel_temperature(
+                gumbel_temperature_at(step, max_steps, a.gumbel_temperature_start, a.gumbel_temperature_end)
+            )
+            adafilter.gate_controller.noise_scale = gate_noise_at(
+                step, max_steps, a.gate_noise_start, a.gate_noise_end
+            )
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
-        self._set(model, gumbel_temperature_at(state.global_step, state.max_steps, self.start, self.end))
+        self._set(model, state.global_step, state.max_steps)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        self._set(model, self.end)
+        self._set(model, state.max_steps, state.max_steps)
+
+
+def gate_diagnostics(
+    gates: tuple[torch.Tensor, ...], probs: tuple[torch.Tensor, ...] | None = None
+) -> dict[str, torch.Tensor]:
+    """Per-layer statistics of one batch's decisions, each a (layers,) tensor:
+
+    - `finetuned_fraction`: share of (example, filter) decisions that use the fine-tuned bank;
+    - `example_dependent`: share of filters whose decision differs between examples of the batch (the decision
+      the model would take in evaluation, so noise does not count);
+    - with the training-time `probs` (sigmoid of the log-odds): `train_eval_agreement`, the share of sampled
+      decisions equal to the evaluation decision (`log_odds > 0`), and `mean_abs_log_odds`.
+    """
+    decisions = [g.detach().float() for g in gates]
+    eval_decisions = decisions if probs is None else [(p.detach() > 0.5).float() for p in probs]
+    stats = {
+        "finetuned_fraction": torch.stack([d.mean() for d in decisions]),
+        "example_dependent": torch.stack([(d.amax(0) != d.amin(0)).float().mean() for d in eval_decisions]),
+    }
+    if probs is not None:
+        stats["train_eval_agreement"] = torch.stack(
+            [(d == e).float().mean() for d, e in zip(decisions, eval_decisions, strict=True)]
+        )
+        stats["mean_abs_log_odds"] = torch.stack(
+            [torch.logit(p.detach().float(), eps=1e-6).abs().mean() for p in probs]
+        )
+    return stats
 
 
 class GateStatistics:
-    """Running per-layer fine-tuned fractions, kept on the device so logging costs no sync per step."""
+    """Running per-layer gate diagnostics (`gate_diagnostics`), kept on the device so logging costs no sync per
+    step."""
 
     def __init__(self) -> None:
-        self.sums: torch.Tensor | None = None
+        self.sums: dict[str, torch.Tensor] = {}
         self.batches = 0
 
-    def update(self, gates: tuple[torch.Tensor, ...]) -> None:
-        per_layer = torch.stack([g.detach().float().mean() for g in gates])
-        self.sums = per_layer if self.sums is None else self.sums + per_layer
+    def update(self, gates: tuple[torch.Tensor, ...], probs: tuple[torch.Tensor, ...] | None = None) -> None:
+        with torch.no_grad():
+            for key, value in gate_diagnostics(gates, probs).items():
+                self.sums[key] = value if key not in self.sums else self.sums[key] + value
         self.batches += 1
 
-    def pop(self) -> torch.Tensor | None:
-        """Mean per-layer fractions since the last pop (None if no batch was seen)."""
-        if self.sums is None:
-            return None
-        means = self.sums / self.batches
-        self.sums, self.batches = None, 0
+    def pop(self) -> dict[str, torch.Tensor]:
+        """Mean per-layer statistics since the last pop (empty if no batch was seen)."""
+        means = {key: value / self.batches for key, value in self.sums.items()}
+        self.sums, self.batches = {}, 0
         return means
 
 
@@ -112,11 +152,7 @@ class AdaFilterTrainer(Trainer):
         adafilter = _adafilter(self.model)
         if adafilter is not None:
             adafilter.freeze_pretrained_bank()
-            self.add_callback(
-                GumbelTemperatureCallback(
-                    self.adafilter_args.gumbel_temperature_start, self.adafilter_args.gumbel_temperature_end
-                )
-            )
+            self.add_callback(GateScheduleCallback(self.adafilter_args))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(
@@ -128,7 +164,8 @@ class AdaFilterTrainer(Trainer):
             if model.training and args.gate_regularization != "none" and args.gate_regularization_weight > 0:
                 penalty = gate_regularization(gates, args.gate_regularization, args.gate_target_ratio)
                 loss = loss + args.gate_regularization_weight * penalty
-            self._gate_stats["train" if model.training else "eval"].update(gates)
+            probs = outputs.get("gate_probs") if model.training else None
+            self._gate_stats["train" if model.training else "eval"].update(gates, probs)
         return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model=None):
@@ -159,11 +196,12 @@ class AdaFilterTrainer(Trainer):
         return self.optimizer
 
     def _gate_logs(self, split: str, prefix: str = "") -> dict[str, float]:
-        per_layer = self._gate_stats[split].pop()
+        stats = self._gate_stats[split].pop()
         adafilter = _adafilter(self.model)
-        if per_layer is None or adafilter is None:
+        if not stats or adafilter is None:
             return {}
-        per_layer = self.accelerator.reduce(per_layer, reduction="mean")
+        stats = {key: self.accelerator.reduce(value, reduction="mean") for key, value in stats.items()}
+        per_layer = stats["finetuned_fraction"]
         names, stages = adafilter.gated_layer_names, adafilter.gated_layer_stages
         # Weigh layers by their filter count, as `finetuned_fraction` does.
         widths = torch.tensor(
@@ -171,10 +209,12 @@ class AdaFilterTrainer(Trainer):
             dtype=per_layer.dtype,
             device=per_layer.device,
         )
-        values = per_layer.tolist()
-        if split == "eval":
-            self.last_eval_gate_fractions = dict(zip(names, values, strict=True))
-        logs = {f"{prefix}gates/finetuned_fraction": float((per_layer * widths).sum() / widths.sum())}
+        if prefix == "eval_":  # the validation split with learned gates, for the model card and plot
+            self.last_eval_gate_fractions = dict(zip(names, per_layer.tolist(), strict=True))
+        logs = {
+            f"{prefix}gates/{key}": float((value * widths).sum() / widths.sum())
+            for key, value in stats.items()
+        }
         by_stage: dict[str, list[int]] = defaultdict(list)
         for index, stage in enumerate(stages):
             by_stage[stage].append(index)
@@ -192,6 +232,7 @@ class AdaFilterTrainer(Trainer):
             adafilter = _adafilter(self.model)
             if adafilter is not None:
                 logs["gates/temperature"] = adafilter.gate_controller.temperature
+                logs["gates/noise_scale"] = adafilter.gate_controller.noise_scale
         super().log(logs, start_time)
 
     def evaluation_loop(
@@ -202,6 +243,22 @@ class AdaFilterTrainer(Trainer):
         )
         output.metrics.update(self._gate_logs("eval", prefix=f"{metric_key_prefix}_"))
         return output
+
+    def evaluate_forced_gates(self, eval_dataset, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Accuracy (and loss) with every gate forced to the fine-tuned bank and to the pre-trained bank: the learned
+        gates are worth their cost only if they beat both. `{prefix}_forced_finetuned_*` / `_forced_pretrained_*`;
+        empty for models without gates."""
+        adafilter = _adafilter(self.model)
+        if adafilter is None:
+            return {}
+        metrics = {}
+        for value, name in ((1.0, "forced_finetuned"), (0.0, "forced_pretrained")):
+            with adafilter.forced_gates(value):
+                output = self.predict(eval_dataset, metric_key_prefix=f"{metric_key_prefix}_{name}")
+            metrics.update(
+                {k: v for k, v in output.metrics.items() if "gates/" not in k and "_per_second" not in k}
+            )
+        return metrics
 
     # ------------------------------------------------------------------ Hub
 

@@ -12,6 +12,7 @@ from transformers import TrainingArguments
 
 from hf_adafilter import AdaFilterConfig, AdaFilterForImageClassification
 from hf_adafilter.arguments import AdaFilterArguments
+from hf_adafilter.metrics import build_compute_metrics
 from hf_adafilter.regularization import finetuned_fraction, gate_regularization
 from hf_adafilter.trainer import AdaFilterTrainer, gumbel_temperature_at
 
@@ -198,3 +199,46 @@ def test_logs_report_the_finetuned_fraction_overall_and_per_stage(tmp_path):
     widths = [layer.out_channels for layer in model.adafilter.gated_layers.values()]
     weighted = sum(f * w for f, w in zip(trainer.last_eval_gate_fractions.values(), widths, strict=True))
     assert metrics["eval_gates/finetuned_fraction"] == pytest.approx(weighted / sum(widths), abs=1e-6)
+
+
+def test_logs_carry_the_gate_diagnostics_and_the_noise_reaches_its_end(tmp_path):
+    model = tiny_model()
+    dataset = colour_dataset()
+    trainer = AdaFilterTrainer(
+        model=model,
+        args=training_args(tmp_path, max_steps=4, logging_steps=1),
+        train_dataset=dataset,
+        adafilter_args=AdaFilterArguments(gate_noise_start=1.0, gate_noise_end=0.0),
+    )
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    for key in ("train_eval_agreement", "example_dependent", "mean_abs_log_odds"):
+        assert all(f"gates/{key}" in entry for entry in logs), key
+    assert [entry["gates/noise_scale"] for entry in logs] == pytest.approx([1.0, 2 / 3, 1 / 3, 0.0])
+    # Without noise, every sampled training decision is the evaluation decision.
+    assert logs[-1]["gates/train_eval_agreement"] == 1.0
+    assert model.adafilter.gate_controller.noise_scale == 0.0
+
+
+def test_forced_gate_evaluation_brackets_the_learned_gates(tmp_path):
+    model = tiny_model(
+        gate_init_log_odds=8.0
+    )  # every gate starts (and, 2 steps on, stays) on the fine-tuned bank
+    dataset = colour_dataset()
+    trainer = AdaFilterTrainer(
+        model=model,
+        args=training_args(tmp_path, max_steps=2),
+        train_dataset=dataset,
+        eval_dataset=dataset,
+        compute_metrics=build_compute_metrics(),
+    )
+    trainer.train()
+    learned = trainer.evaluate()
+    fractions = dict(trainer.last_eval_gate_fractions)
+    forced = trainer.evaluate_forced_gates(dataset)
+    assert forced["eval_forced_finetuned_accuracy"] == learned["eval_accuracy"]
+    assert forced["eval_forced_finetuned_loss"] == pytest.approx(learned["eval_loss"])
+    assert 0.0 <= forced["eval_forced_pretrained_accuracy"] <= 1.0
+    assert not any("gates/" in key for key in forced)
+    assert trainer.last_eval_gate_fractions == fractions  # the learned gates' analysis is kept
+    assert model.adafilter.gate_controller.forced_value is None
