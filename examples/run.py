@@ -27,6 +27,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from hf_adafilter.arguments import AdaFilterArguments
 from hf_adafilter.data import (
+    Augmentation,
     DataError,
     build_transforms,
     collate_fn,
@@ -34,7 +35,13 @@ from hf_adafilter.data import (
     load_image_classification_data,
     resize_image_processor,
 )
-from hf_adafilter.methods import METHODS, build_classifier, load_image_processor
+from hf_adafilter.methods import (
+    METHODS,
+    TRAINING_DEFAULTS,
+    apply_training_defaults,
+    build_classifier,
+    load_image_processor,
+)
 from hf_adafilter.metrics import build_compute_metrics
 from hf_adafilter.plots import plot_gate_fractions
 
@@ -50,8 +57,6 @@ DEFAULT_ARGS = [
     "--per_device_train_batch_size", "32",
     "--per_device_eval_batch_size", "64",
     "--learning_rate", "1e-3",
-    "--gate_learning_rate", "1e-2",
-    "--batchnorm_momentum", "0.1",
     "--weight_decay", "0.01",
     "--warmup_steps", "10",
     "--eval_strategy", "epoch",
@@ -114,17 +119,56 @@ class DataTrainingArguments:
     image_size: int | None = field(
         default=None, metadata={"help": "Training/eval crop size (default: the image processor's)."}
     )
+    min_crop_scale: float = field(
+        default=Augmentation.min_crop_scale,
+        metadata={"help": "Smallest share of the image area a training crop keeps (random resized crop)."},
+    )
+    horizontal_flip: bool = field(
+        default=Augmentation.horizontal_flip,
+        metadata={
+            "help": "Random horizontal flips in training (turn off for digits, text, left/right classes)."
+        },
+    )
+    evaluate_train_split: bool = field(
+        default=False,
+        metadata={
+            "help": "With --do_eval, also evaluate the training images (evaluation transform): train_eval_accuracy "
+            "next to eval_accuracy shows under- or overfitting."
+        },
+    )
+
+
+def training_defaults_help() -> str:
+    per_method = "; ".join(
+        f"{method}: " + ", ".join(f"--{name} {value:g}" for name, value in defaults.items())
+        for method, defaults in TRAINING_DEFAULTS.items()
+    )
+    return (
+        "Training defaults per --method, for small labelled datasets, used where the flag is not given (they replace "
+        f"transformers' lr 5e-5 / 3 epochs / batch 8, made for transformers, not CNNs): {per_method}."
+    )
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, AdaFilterArguments, TrainingArguments))
+    parser = HfArgumentParser(
+        (ModelArguments, DataTrainingArguments, AdaFilterArguments, TrainingArguments),
+        epilog=training_defaults_help(),
+    )
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         print("No arguments: running the embedded default job:\n  examples/run.py " + " ".join(DEFAULT_ARGS))
         argv = DEFAULT_ARGS
     if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
+        parsed = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+        given = set(json.loads(Path(argv[0]).read_text()))
+    else:
+        parsed = parser.parse_args_into_dataclasses(args=argv)
+        given = {arg[2:].split("=")[0] for arg in argv if arg.startswith("--")}
+    model_args, _, _, training_args = parsed
+    applied = apply_training_defaults(training_args, model_args.method, given)
+    if applied:
+        logger.info(f"{model_args.method} defaults for flags not given: {applied}")
+    return parsed
 
 
 def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed: int):
@@ -198,8 +242,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model = build_classifier(
         model_args.method, model_args.model_name_or_path, data.id2label, adafilter_args, **hub_kwargs
     )
+    augmentation = Augmentation(data_args.min_crop_scale, data_args.horizontal_flip)
     train_transform, eval_transform = build_transforms(
-        processor, image_column=data.image_column, label_column=data.label_column
+        processor, image_column=data.image_column, label_column=data.label_column, augmentation=augmentation
     )
     train_dataset = data.require("train").with_transform(train_transform) if training_args.do_train else None
     eval_dataset = data.validation.with_transform(eval_transform) if data.validation is not None else None
@@ -229,12 +274,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if eval_dataset is None:
             raise DataError("--do_eval needs validation data: pass --validation_dir or a dataset with one.")
         metrics = trainer.evaluate()
+        if adafilter_args.evaluate_forced_gates:
+            metrics |= trainer.evaluate_forced_gates(eval_dataset, metric_key_prefix="eval")
+        if data_args.evaluate_train_split:
+            train_images = data.require("train").with_transform(eval_transform)
+            metrics |= trainer.predict(train_images, metric_key_prefix="train_eval").metrics
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
         results.update(metrics)
         save_gate_analysis(trainer, training_args.output_dir)
     if training_args.do_predict and data.test is not None:
-        metrics = trainer.predict(data.test.with_transform(eval_transform), metric_key_prefix="test").metrics
+        test_dataset = data.test.with_transform(eval_transform)
+        metrics = trainer.predict(test_dataset, metric_key_prefix="test").metrics
+        if adafilter_args.evaluate_forced_gates:
+            metrics |= trainer.evaluate_forced_gates(test_dataset, metric_key_prefix="test")
         trainer.log_metrics("test", metrics)
         trainer.save_metrics("test", metrics)
         results.update(metrics)

@@ -42,6 +42,7 @@ __all__ = [
     "ImageClassificationData",
     "ImageTransform",
     "Preprocessing",
+    "Augmentation",
     "build_transforms",
     "collate_fn",
     "decode_image",
@@ -698,12 +699,28 @@ def random_resized_crop_box(
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def train_geometry(image: PIL.Image.Image, spec: Preprocessing) -> PIL.Image.Image:
-    """Random resized crop (one PIL call: crop box + resize) and a random horizontal flip."""
-    left, top, w, h = random_resized_crop_box(image.width, image.height)
+@dataclass(frozen=True)
+class Augmentation:
+    """Training augmentation: a random resized crop of at least `min_crop_scale` of the image area, and a random
+    horizontal flip if `horizontal_flip` (wrong for digits and text). Defaults: torchvision's / HF examples'."""
+
+    min_crop_scale: float = RANDOM_RESIZED_CROP_SCALE[0]
+    horizontal_flip: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.min_crop_scale <= 1.0:
+            raise ValueError(f"min_crop_scale must be in (0, 1], got {self.min_crop_scale!r}.")
+
+
+def train_geometry(
+    image: PIL.Image.Image, spec: Preprocessing, augmentation: Augmentation = Augmentation()
+) -> PIL.Image.Image:
+    """Random resized crop (one PIL call: crop box + resize) and, if enabled, a random horizontal flip."""
+    scale = (augmentation.min_crop_scale, RANDOM_RESIZED_CROP_SCALE[1])
+    left, top, w, h = random_resized_crop_box(image.width, image.height, scale=scale)
     crop_h, crop_w = spec.crop_size
     image = image.resize((crop_w, crop_h), resample=spec.resample, box=(left, top, left + w, top + h))
-    if torch.rand(1).item() < 0.5:
+    if augmentation.horizontal_flip and torch.rand(1).item() < 0.5:
         image = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
     return image
 
@@ -715,9 +732,14 @@ class ImageTransform:
     """
 
     def __init__(
-        self, spec: Preprocessing, train: bool, image_column: str = "image", label_column: str = "label"
+        self,
+        spec: Preprocessing,
+        train: bool,
+        image_column: str = "image",
+        label_column: str = "label",
+        augmentation: Augmentation = Augmentation(),
     ):
-        self.spec, self.train = spec, train
+        self.spec, self.train, self.augmentation = spec, train, augmentation
         self.image_column, self.label_column = image_column, label_column
         self._scale = np.asarray(spec.scale, dtype=np.float32).reshape(3, 1, 1)
         self._shift = np.asarray(spec.shift, dtype=np.float32).reshape(3, 1, 1)
@@ -729,12 +751,16 @@ class ImageTransform:
         for column in (self.image_column, self.label_column):
             if column not in batch:
                 raise DataError(f"the transform needs column {column!r}; the batch has columns {list(batch)}")
-        geometry = train_geometry if self.train else eval_geometry
         pixel_values = [
-            self.normalise(geometry(to_rgb(decode_image(value, self.image_column)), self.spec))
+            self.normalise(self.geometry(to_rgb(decode_image(value, self.image_column))))
             for value in batch[self.image_column]
         ]
         return {"pixel_values": pixel_values, "labels": [int(label) for label in batch[self.label_column]]}
+
+    def geometry(self, image: PIL.Image.Image) -> PIL.Image.Image:
+        if self.train:
+            return train_geometry(image, self.spec, self.augmentation)
+        return eval_geometry(image, self.spec)
 
     def normalise(self, image: PIL.Image.Image) -> torch.Tensor:
         """uint8 HWC -> float32 CHW in one multiply-add."""
@@ -782,17 +808,19 @@ def build_transforms(
     image_size: int | None = None,
     image_column: str = "image",
     label_column: str = "label",
+    augmentation: Augmentation = Augmentation(),
 ) -> tuple[ImageTransform, ImageTransform]:
     """(train_transform, eval_transform) for `Dataset.with_transform`.
 
-    Train: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) to the crop size, random horizontal
-    flip. Eval: the processor's resize and center crop. Both normalise as the processor does.
+    Train: RandomResizedCrop (scale `augmentation.min_crop_scale`-1, ratio 3/4-4/3) to the crop size, random
+    horizontal flip unless disabled. Eval: the processor's resize and center crop. Both normalise as the processor
+    does.
     `image_size` overrides the crop size (see `resolve_preprocessing`). Because `with_transform`
     is used, the Trainer needs `remove_unused_columns=False`.
     """
     spec = resolve_preprocessing(image_processor, image_size)
     return (
-        ImageTransform(spec, train=True, image_column=image_column, label_column=label_column),
+        ImageTransform(spec, True, image_column, label_column, augmentation),
         ImageTransform(spec, train=False, image_column=image_column, label_column=label_column),
     )
 

@@ -19,6 +19,31 @@ from .modeling_adafilter import BACKBONE_RESOLVERS, AdaFilterForImageClassificat
 
 METHODS = ("adafilter", "finetune", "linear_probe")
 
+# `TrainingArguments` defaults per method for a small labelled image dataset, applied where the user sets nothing.
+# transformers' own (learning rate 5e-5, 3 epochs, batch 8, no warm-up) are made for transformer fine-tuning: with
+# AdamW they barely move a CNN, and they freeze AdaFilter's gates. Chosen by benchmarks/transfer.py on validation
+# (30 images per class, trained to convergence).
+_CNN_SMALL_DATA = {
+    "num_train_epochs": 30,
+    "per_device_train_batch_size": 32,
+    "warmup_steps": 0.1,
+    "weight_decay": 0.01,
+}
+TRAINING_DEFAULTS: dict[str, dict[str, float | int]] = {
+    "adafilter": {**_CNN_SMALL_DATA, "learning_rate": 1e-3},
+    "finetune": {**_CNN_SMALL_DATA, "learning_rate": 1e-3},
+    "linear_probe": {**_CNN_SMALL_DATA, "learning_rate": 1e-2},
+}
+
+
+def apply_training_defaults(training_args, method: str, given: set[str]) -> dict[str, float | int]:
+    """Sets `TRAINING_DEFAULTS[method]` on `training_args` for every field not in `given` (the names the user
+    set); returns what it set."""
+    applied = {name: value for name, value in TRAINING_DEFAULTS[method].items() if name not in given}
+    for name, value in applied.items():
+        setattr(training_args, name, value)
+    return applied
+
 
 def resolve_location(name_or_path: str) -> str:
     """A packaged alias becomes its converted local folder; Hub ids and paths pass through."""

@@ -17,6 +17,7 @@ from PIL import Image
 
 from hf_adafilter.data import (
     DEFAULT_DATASET_DIR,
+    Augmentation,
     DataError,
     build_transforms,
     collate_fn,
@@ -513,6 +514,18 @@ def test_random_resized_crop_box_and_flip():
     outputs = train_transform({"image": [halves] * 200, "label": [0] * 200})["pixel_values"]
     left_minus_right = [float(x[:, :, :16].mean() - x[:, :, 16:].mean()) for x in outputs]
     assert sum(d > 0.5 for d in left_minus_right) > 20 and sum(d < -0.5 for d in left_minus_right) > 20
+
+
+def test_augmentation_can_keep_orientation_and_most_of_the_image():
+    halves = Image.fromarray(np.repeat(np.repeat([[0, 255]], 40, axis=0).astype(np.uint8), 40, axis=1))
+    no_flip = Augmentation(min_crop_scale=0.5, horizontal_flip=False)
+    train_transform, _ = build_transforms(mobilenet_processor(), augmentation=no_flip)
+    torch.manual_seed(1)
+    outputs = train_transform({"image": [halves] * 100, "label": [0] * 100})["pixel_values"]
+    # Never mirrored: the dark half stays left whenever the crop shows both halves.
+    assert all(float(x[:, :, :16].mean() - x[:, :, 16:].mean()) <= 0.05 for x in outputs)
+    with pytest.raises(ValueError, match="min_crop_scale"):
+        Augmentation(min_crop_scale=0.0)
 
 
 def test_collate_fn():

@@ -223,3 +223,33 @@ def test_accelerate_launch_single_process(workspace, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "eval accuracy" in result.stdout
     assert transformers.AutoModelForImageClassification.from_pretrained(output_dir) is not None
+
+
+@pytest.mark.parametrize("method", ["adafilter", "finetune", "linear_probe"])
+def test_method_defaults_fill_only_what_the_user_did_not_set(tmp_path, method):
+    from hf_adafilter.methods import TRAINING_DEFAULTS
+
+    base = ["--method", method, "--output_dir", str(tmp_path)]
+    _, _, _, training_args = run_example.parse_args(base)
+    for name, value in TRAINING_DEFAULTS[method].items():
+        assert getattr(training_args, name) == value, name
+    _, _, _, training_args = run_example.parse_args(
+        [*base, "--learning_rate", "5e-5", "--num_train_epochs=2"]
+    )
+    assert (training_args.learning_rate, training_args.num_train_epochs) == (5e-5, 2)
+    assert (
+        training_args.per_device_train_batch_size == TRAINING_DEFAULTS[method]["per_device_train_batch_size"]
+    )
+    config = tmp_path / "args.json"
+    config.write_text(json.dumps({"method": method, "output_dir": str(tmp_path), "learning_rate": 0.5}))
+    _, _, _, training_args = run_example.parse_args([str(config)])
+    assert training_args.learning_rate == 0.5
+    assert training_args.num_train_epochs == TRAINING_DEFAULTS[method]["num_train_epochs"]
+
+
+def test_help_states_the_method_defaults():
+    completed = subprocess.run(
+        [sys.executable, str(RUN_SCRIPT), "--help"], capture_output=True, text=True, check=True
+    )
+    text = " ".join(completed.stdout.split())
+    assert "Training defaults per --method" in text and "adafilter: --num_train_epochs 30" in text
