@@ -61,6 +61,9 @@ INSTALL_COMMANDS = {
     "tuxpaint": "apt-get install -y --no-install-recommends tuxpaint-stamps-default",
 }
 
+# Tasks whose classes a horizontal mirror changes or makes unnatural (digits): train without random flips.
+MIRROR_SENSITIVE_TASKS = frozenset({"mnist"})
+
 IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC = 2051, 2049
 
 
@@ -82,9 +85,15 @@ class Sizes:
     test_per_class: int
     tuxpaint_min_images: int = 30
     tuxpaint_max_per_class: int | None = None
+    # Caps tuxpaint's train split per class (its 60% share otherwise); what is cut goes to validation and test.
+    tuxpaint_train_per_class: int | None = None
 
 
 SCALES = {
+    # The paper's regime: few labelled images per class (Caltech256-30 has 30), large validation and test splits.
+    "paper": Sizes(
+        train_per_class=30, validation_per_class=50, test_per_class=100, tuxpaint_train_per_class=30
+    ),
     # The CPU benchmark: 1000 train / 500 validation / 1000 test images for the MNIST-like tasks.
     "default": Sizes(train_per_class=100, validation_per_class=50, test_per_class=100),
     # The smoke test: enough for every class to appear in every split.
@@ -197,14 +206,21 @@ def balanced_draw(
 
 
 def stratified_split(
-    num_per_class: list[int], fractions: tuple[float, float, float], rng: np.random.Generator
+    num_per_class: list[int],
+    fractions: tuple[float, float, float],
+    rng: np.random.Generator,
+    train_cap: int | None = None,
 ) -> list[list[tuple[int, int]]]:
-    """[(class, item)] per split, each class cut 60/20/20 (rounded, >= 1 per split) after a seeded shuffle."""
+    """[(class, item)] per split, each class cut 60/20/20 (rounded, >= 1 per split) after a seeded shuffle; with
+    `train_cap`, train keeps at most that many per class and validation and test share the rest equally."""
     splits: list[list[tuple[int, int]]] = [[], [], []]
     for cls, count in enumerate(num_per_class):
         order = rng.permutation(count)
         n_val = max(1, round(count * fractions[1]))
         n_test = max(1, round(count * fractions[2]))
+        if train_cap is not None and count - n_val - n_test > train_cap:
+            n_val = (count - train_cap) // 2
+            n_test = count - train_cap - n_val
         cuts = (
             order[: count - n_val - n_test],
             order[count - n_val - n_test : count - n_test],
@@ -302,7 +318,9 @@ def build_tuxpaint_task(data_dir: Path, sizes: Sizes, seed: int) -> tuple[dict, 
         }
     classes = tuple(categories)
     members = list(categories.values())
-    parts = stratified_split([len(paths) for paths in members], (0.6, 0.2, 0.2), rng)
+    parts = stratified_split(
+        [len(paths) for paths in members], (0.6, 0.2, 0.2), rng, train_cap=sizes.tuxpaint_train_per_class
+    )
     rows = {}
     for split, items in zip(SPLITS, parts, strict=True):
         rows[split] = [

@@ -89,26 +89,63 @@ class Budget:
 
     scale: str  # prepare_data scale of the packaged tasks
     image_size: int
-    max_steps: int
     train_batch_size: int
     eval_batch_size: int
     seeds: tuple[int, ...]  # final runs (train, validation, test once each)
     selection_seed: int  # LR selection runs (validation only)
     lr_grids: dict[str, tuple[float, ...]]
+    max_steps: int | None = None  # a fixed number of steps for every task...
+    epochs: int | None = None  # ...or of passes over each task's training split (trained to convergence)
     warmup: float = 0.1  # share of steps
     weight_decay: float = 0.01
-    # PyTorch meaning; the packaged Lite0's 0.01 leaves evaluation statistics half ImageNet's after 72 steps.
-    batchnorm_momentum: float | None = 0.1
-    # AdaFilter variants only: with Adam at the main LR the gate logits move by ~LR per step, too little to
-    # leave their random start in a short run (benchmarks/results/transfer_investigation.md).
-    gate_learning_rate: float | None = 1e-2
+    min_crop_scale: float = 0.08  # random resized crop; torchvision's and HF's default
+    # Turn off horizontal flips for the tasks whose classes a mirror image changes (prepare_data.MIRROR_SENSITIVE).
+    task_aware_flips: bool = False
+    # Methods that take another method's chosen LR instead of a grid of their own (the paper's ablations).
+    lr_from: dict[str, str] = field(default_factory=dict)
+    # When the best LR is at an edge of the grid, try the next one out (x or / the grid's step), up to this often.
+    grid_extensions: int = 0
+    # Overrides of examples/run.py's defaults; None: the defaults every user gets.
+    batchnorm_momentum: float | None = None
+    gate_learning_rate: float | None = None
     dataloader_workers: int = 0
 
+    def __post_init__(self) -> None:
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError("a Budget sets exactly one of max_steps and epochs")
 
-_GRID = (3e-4, 1e-3)
-_PROBE_GRID = (3e-3, 1e-2)  # a head alone on frozen features wants a larger step
+    def steps(self, train_images: int) -> int:
+        """Optimizer steps of a run on `train_images` images."""
+        if self.max_steps is not None:
+            return self.max_steps
+        return self.epochs * math.ceil(train_images / self.train_batch_size)
+
+
+_ABLATIONS_SHARE_ADAFILTER_LR = {m: "adafilter" for m in ADAFILTER_METHODS if m != "adafilter"}
+_SHORT_GRID = (3e-4, 1e-3)
+_SHORT_PROBE_GRID = (3e-3, 1e-2)  # a head alone on frozen features wants a larger step
 PRESETS: dict[str, Budget] = {
-    "default": Budget(
+    # The paper's regime: 30 labelled images per class, trained to convergence (fine-tuning fits its training set).
+    "paper": Budget(
+        scale="paper",
+        image_size=64,
+        epochs=30,
+        train_batch_size=32,
+        eval_batch_size=100,
+        seeds=(1, 2, 3),
+        selection_seed=0,
+        lr_grids={
+            "linear_probe": (3e-3, 1e-2, 3e-2),
+            "finetune": (3e-4, 1e-3, 3e-3),
+            "adafilter": (3e-4, 1e-3, 3e-3),
+        },  # fmt: skip
+        min_crop_scale=0.25,
+        task_aware_flips=True,
+        lr_from=_ABLATIONS_SHARE_ADAFILTER_LR,
+        grid_extensions=1,
+    ),
+    # The first benchmark's budget: 72 steps on 100 images per class, every method underfits.
+    "short": Budget(
         scale="default",
         image_size=96,
         max_steps=72,
@@ -116,7 +153,8 @@ PRESETS: dict[str, Budget] = {
         eval_batch_size=100,
         seeds=(1, 2, 3),
         selection_seed=0,
-        lr_grids={"linear_probe": _PROBE_GRID} | {m: _GRID for m in METHODS if m != "linear_probe"},
+        lr_grids={"linear_probe": _SHORT_PROBE_GRID}
+        | {m: _SHORT_GRID for m in METHODS if m != "linear_probe"},
     ),
     "quick": Budget(
         scale="quick",
@@ -142,6 +180,7 @@ PRESETS: dict[str, Budget] = {
         dataloader_workers=4,
     ),
 }
+DEFAULT_PRESET = "paper"
 
 
 @dataclass(frozen=True)
@@ -176,8 +215,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="smoke run: tiny subsets, 1 seed, 1 LR, 3 steps")
-    mode.add_argument("--full", action="store_true", help="GPU scale: larger subsets, 2000 steps, 3-LR grid")
+    mode.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        default=None,
+        help="paper (default): 30 images per class, 30 epochs, 64 px; short: the first benchmark's 72 steps on 100 "
+        "images per class at 96 px; quick: a smoke run; full: GPU scale",
+    )
+    mode.add_argument("--quick", action="store_true", help="same as --preset quick")
+    mode.add_argument("--full", action="store_true", help="same as --preset full")
     parser.add_argument(
         "--tasks",
         nargs="*",
@@ -188,7 +234,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--model_name_or_path", default="efficientnet-lite0")
     parser.add_argument("--image_size", type=int, help="crop size (multiples of 32 for the packaged Lite0)")
-    parser.add_argument("--max_steps", type=int, help="training steps of every run")
+    parser.add_argument("--max_steps", type=int, help="training steps of every run (instead of epochs)")
+    parser.add_argument(
+        "--epochs", type=int, help="passes over each task's training split (instead of steps)"
+    )
     parser.add_argument("--train_batch_size", type=int)
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds of the final runs")
     parser.add_argument(
@@ -235,7 +284,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "max_eval_samples",
     ):
         custom.add_argument(f"--{flag}", default=None)
-    return parser.parse_args(argv)  # fmt: skip
+    args = parser.parse_args(argv)
+    args.preset = args.preset or ("quick" if args.quick else "full" if args.full else DEFAULT_PRESET)
+    return args  # fmt: skip
 
 
 def optional_float(text: str) -> float | None:
@@ -243,14 +294,15 @@ def optional_float(text: str) -> float | None:
 
 
 def budget_from_args(args: argparse.Namespace) -> Budget:
-    budget = PRESETS["quick" if args.quick else "full" if args.full else "default"]
+    budget = PRESETS[args.preset]
     overrides = {
         "image_size": args.image_size,
-        "max_steps": args.max_steps,
         "train_batch_size": args.train_batch_size,
         "seeds": tuple(args.seeds) if args.seeds else None,
     }
     budget = replace(budget, **{key: value for key, value in overrides.items() if value is not None})
+    if args.max_steps is not None or args.epochs is not None:
+        budget = replace(budget, max_steps=args.max_steps, epochs=args.epochs)
     for name in ("batchnorm_momentum", "gate_learning_rate"):
         if getattr(args, name) is not UNSET:
             budget = replace(budget, **{name: getattr(args, name)})
@@ -295,9 +347,21 @@ def resolve_tasks(args: argparse.Namespace, budget: Budget) -> list[Task]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def train_images(task: Task) -> int | None:
+    return task.record.get("sizes_per_split", {}).get("train")
+
+
 def run_argv(spec: RunSpec, task: Task, budget: Budget, model: str, output_dir: Path) -> list[str]:
     """The examples/run.py command line of one run: only the method flags, LR and seed differ between runs."""
     phases = ["--do_train", "--do_eval"] + (["--do_predict"] if spec.phase == "final" else [])
+    images = train_images(task)
+    if budget.max_steps is None and images is None:
+        length = ["--num_train_epochs", str(budget.epochs)]
+        steps = 100
+    else:
+        steps = budget.steps(images or 0)
+        length = ["--max_steps", str(steps)]
+    flips = not (budget.task_aware_flips and task.name in prepare_data.MIRROR_SENSITIVE_TASKS)
     return [
         "--model_name_or_path", model,
         *task.data_args,
@@ -305,8 +369,11 @@ def run_argv(spec: RunSpec, task: Task, budget: Budget, model: str, output_dir: 
         "--output_dir", str(output_dir),
         "--overwrite_output_dir",
         *phases,
+        "--evaluate_train_split", "true",
         "--image_size", str(budget.image_size),
-        "--max_steps", str(budget.max_steps),
+        "--min_crop_scale", f"{budget.min_crop_scale:g}",
+        "--horizontal_flip", str(flips).lower(),
+        *length,
         "--per_device_train_batch_size", str(budget.train_batch_size),
         "--per_device_eval_batch_size", str(budget.eval_batch_size),
         "--learning_rate", f"{spec.learning_rate:g}",
@@ -314,7 +381,7 @@ def run_argv(spec: RunSpec, task: Task, budget: Budget, model: str, output_dir: 
         "--weight_decay", f"{budget.weight_decay:g}",
         "--eval_strategy", "no",
         "--save_strategy", "no",
-        "--logging_steps", str(max(1, budget.max_steps // 10)),
+        "--logging_steps", str(max(1, steps // 10)),
         "--report_to", "none",
         "--disable_tqdm", "true",
         "--dataloader_num_workers", str(budget.dataloader_workers),
@@ -324,23 +391,27 @@ def run_argv(spec: RunSpec, task: Task, budget: Budget, model: str, output_dir: 
 
 
 def method_settings(method: str, budget: Budget) -> list[str]:
-    """The budget's BatchNorm momentum (every method) and gate learning rate (AdaFilter variants)."""
+    """Gate diagnostics for the AdaFilter variants, and the budget's overrides of examples/run.py's defaults."""
     flags = []
+    if method in ADAFILTER_METHODS:
+        flags += ["--evaluate_forced_gates", "true"]
+        if budget.gate_learning_rate is not None:
+            flags += ["--gate_learning_rate", f"{budget.gate_learning_rate:g}"]
     if budget.batchnorm_momentum is not None:
         flags += ["--batchnorm_momentum", f"{budget.batchnorm_momentum:g}"]
-    if method in ADAFILTER_METHODS and budget.gate_learning_rate is not None:
-        flags += ["--gate_learning_rate", f"{budget.gate_learning_rate:g}"]
     return flags
 
 
 def plan_runs(tasks: Sequence[Task], methods: Sequence[str], budget: Budget) -> list[RunSpec]:
-    """Selection runs (one seed, every LR of the grid; skipped for a 1-LR grid) and then, per task and method,
-    the final seeds at the chosen LR (filled in once selection is done: `learning_rate` is NaN here)."""
+    """Selection runs (one seed, every LR of the grid; skipped for a 1-LR grid or a method that takes another's
+    LR) and then, per task and method, the final seeds at the chosen LR (filled in once selection is done:
+    `learning_rate` is NaN here). Methods whose LR comes from another run after it."""
+    ordered = sorted(methods, key=lambda m: budget.lr_from.get(m) in methods)
     runs = []
     for task in tasks:
-        for method in methods:
-            grid = budget.lr_grids[method]
-            if len(grid) > 1:
+        for method in ordered:
+            grid = budget.lr_grids.get(method, ())
+            if method not in budget.lr_from and len(grid) > 1:
                 runs += [RunSpec(task.name, method, lr, budget.selection_seed, "select") for lr in grid]
             runs += [RunSpec(task.name, method, math.nan, seed, "final") for seed in budget.seeds]
     return runs
@@ -400,6 +471,9 @@ def worker(result_path: str, threads: int, argv: list[str]) -> None:
     metrics = module.main(argv)
     output_dir = Path(argv[argv.index("--output_dir") + 1])
     gate_file = output_dir / "gate_fractions.json"
+    state_file = output_dir / "trainer_state.json"
+    history = json.loads(state_file.read_text())["log_history"] if state_file.is_file() else []
+    gate_logs = [entry for entry in history if "gates/train_eval_agreement" in entry]
     result = {
         "metrics": metrics,
         "main_s": time.perf_counter() - start,
@@ -407,6 +481,8 @@ def worker(result_path: str, threads: int, argv: list[str]) -> None:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "torch_threads": torch.get_num_threads(),
         "eval_gate_fractions_per_layer": json.loads(gate_file.read_text()) if gate_file.is_file() else None,
+        # The gate diagnostics of the last logged training steps: are the training decisions the evaluation ones?
+        "last_train_gate_log": gate_logs[-1] if gate_logs else None,
     }
     Path(result_path).write_text(json.dumps(result, indent=1) + "\n")
 
@@ -428,14 +504,20 @@ def prior_estimate_s(
     runs: Sequence[RunSpec], budget: Budget, eval_images: dict[str, dict[str, int]]
 ) -> float:
     """Before anything is timed: step and per-image evaluation times measured at 96 px on 2 cores, scaled by
-    batch and pixels, times relative method costs. `eval_images`: {task: {split: images}} (missing: 1000)."""
+    batch and pixels, times relative method costs. `eval_images`: {task: {split: images}} (missing: 1000).
+    Evaluation covers validation and training images, test in final runs, and three passes each for AdaFilter
+    (learned gates, all F, all S)."""
     pixels = (budget.image_size / 96) ** 2
     total = 0.0
     for run in runs:
         sizes = eval_images.get(run.task, {})
-        images = sizes.get("validation", 1000) + (sizes.get("test", 1000) if run.phase == "final" else 0)
+        passes = 3 if run.method in ADAFILTER_METHODS else 1
+        images = passes * (
+            sizes.get("validation", 1000) + (sizes.get("test", 1000) if run.phase == "final" else 0)
+        )
+        images += sizes.get("train", 1000)
         train = (
-            budget.max_steps
+            budget.steps(sizes.get("train", 1000))
             * PRIOR_FINETUNE_STEP_S
             * (budget.train_batch_size / 32)
             * PRIOR_STEP_COST[run.method]
@@ -473,19 +555,13 @@ def run_suite(args: argparse.Namespace, budget: Budget, tasks: Sequence[Task], w
     cache = load_cache(work_dir / "runs.jsonl") if args.resume else {}
     print(f"plan: {len(plan)} runs ({sum(r.phase == 'select' for r in plan)} LR-selection, "
           f"{sum(r.phase == 'final' for r in plan)} final), prior estimate {minutes(prior_estimate_s(plan, budget, eval_sizes(tasks)))} "
-          f"on 2 quiet CPU cores{CPU_ONLY_NOTE if args.full else ''}", flush=True)  # fmt: skip
+          f"on 2 quiet CPU cores{CPU_ONLY_NOTE if args.preset == 'full' else ''}", flush=True)  # fmt: skip
     done: list[dict] = []
     chosen: dict[tuple[str, str], float] = {}
     start = time.perf_counter()
     pending = list(plan)
-    while pending:
-        spec = pending.pop(0)
-        if spec.phase == "final":
-            key = (spec.task, spec.method)
-            if key not in chosen:
-                selection = [r for r in done if r["phase"] == "select" and (r["task"], r["method"]) == key]
-                chosen[key] = choose_learning_rate(selection, budget.lr_grids[spec.method])
-            spec = replace(spec, learning_rate=chosen[key])
+
+    def run(spec: RunSpec) -> dict:
         task = task_by_name[spec.task]
         cached = cache.get(fingerprint(spec, task, budget, args.model_name_or_path))
         result = cached or execute(spec, task, budget, args, work_dir)
@@ -497,11 +573,46 @@ def run_suite(args: argparse.Namespace, budget: Budget, tasks: Sequence[Task], w
         )
         accuracy = result["metrics"].get("test_accuracy", result["metrics"]["eval_accuracy"])
         which = "test" if spec.phase == "final" else "val"
-        print(f"[{len(done)}/{len(plan)}] {spec.label}: {which} acc {accuracy:.4f}, "
+        print(f"[{len(done)}/{len(done) + len(pending)}] {spec.label}: {which} acc {accuracy:.4f}, "
               f"{result['wall_s']:.0f} s{' (resumed)' if cached else ''}; elapsed "
               f"{minutes(time.perf_counter() - start)}, remaining ~{minutes(eta)}", flush=True)  # fmt: skip
         if cached:
             result["resumed"] = True
+        return result
+
+    def select(task: str, method: str) -> float:
+        """The best LR on validation; at an edge of what was tried, the grid grows by one step that way (up to
+        `budget.grid_extensions` times), so the choice is bracketed."""
+        source = budget.lr_from.get(method)
+        if source is not None and (task, source) in chosen:
+            return chosen[(task, source)]
+        grid = budget.lr_grids.get(method) or budget.lr_grids[source]
+        for _ in range(budget.grid_extensions + 1):
+            selection = [
+                r for r in done if r["phase"] == "select" and (r["task"], r["method"]) == (task, method)
+            ]
+            best = choose_learning_rate(selection, grid)
+            tried = sorted(r["learning_rate"] for r in selection)
+            if (
+                len(tried) < 2
+                or tried[0] < best < tried[-1]
+                or len(selection) - len(grid) >= budget.grid_extensions
+            ):
+                return best
+            # One more step of the grid's own spacing at that end.
+            lr = best * grid[-1] / grid[-2] if best == tried[-1] else best * grid[0] / grid[1]
+            run(RunSpec(task, method, float(f"{lr:.3g}"), budget.selection_seed, "select"))
+        selection = [r for r in done if r["phase"] == "select" and (r["task"], r["method"]) == (task, method)]
+        return choose_learning_rate(selection, grid)
+
+    while pending:
+        spec = pending.pop(0)
+        if spec.phase == "final":
+            key = (spec.task, spec.method)
+            if key not in chosen:
+                chosen[key] = select(*key)
+            spec = replace(spec, learning_rate=chosen[key])
+        run(spec)
     return done
 
 
@@ -525,6 +636,25 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     values = list(values)
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def mean_or_none(values: Sequence[float | None]) -> float | None:
+    """The mean, or None if any value is missing (a run from before the metric existed)."""
+    return statistics.fmean(values) if values and all(v is not None for v in values) else None
+
+
+# Two-sided 95% Student t quantiles by degrees of freedom (for paired per-seed differences over a few seeds).
+T_QUANTILE_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def mean_interval(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and half-width of its 95% t interval (None for a single value)."""
+    values = list(values)
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, None
+    quantile = T_QUANTILE_975.get(len(values) - 1, 1.96)
+    return mean, quantile * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def collapsed_layers(fractions: dict[str, float] | None) -> tuple[int, int, int]:
@@ -558,6 +688,9 @@ def summarize(results: Sequence[dict], tasks: Sequence[str], methods: Sequence[s
                 "test_accuracy_std": accuracy[1],
                 "test_accuracy_per_seed": {r["seed"]: r["metrics"]["test_accuracy"] for r in finals},
                 "validation_accuracy_mean": mean_std([r["metrics"]["eval_accuracy"] for r in finals])[0],
+                "train_accuracy_mean": mean_or_none(
+                    [r["metrics"].get("train_eval_accuracy") for r in finals]
+                ),
                 "wall_s_median": statistics.median(r["wall_s"] for r in finals),
                 "train_s_median": statistics.median(
                     r["metrics"].get("train_runtime", math.nan) for r in finals
@@ -569,6 +702,17 @@ def summarize(results: Sequence[dict], tasks: Sequence[str], methods: Sequence[s
                     values = [r["metrics"].get(f"{prefix}_gates/finetuned_fraction") for r in finals]
                     if all(v is not None for v in values):
                         cell[f"finetuned_fraction_{split}"] = statistics.fmean(values)
+                for split, prefix in (("validation", "eval"), ("test", "test")):
+                    for gates in ("forced_finetuned", "forced_pretrained"):
+                        cell[f"{gates}_{split}_accuracy_mean"] = mean_or_none(
+                            [r["metrics"].get(f"{prefix}_{gates}_accuracy") for r in finals]
+                        )
+                    cell[f"example_dependent_{split}"] = mean_or_none(
+                        [r["metrics"].get(f"{prefix}_gates/example_dependent") for r in finals]
+                    )
+                last_logs = [r.get("last_train_gate_log") or {} for r in finals]
+                for key in ("train_eval_agreement", "example_dependent", "mean_abs_log_odds"):
+                    cell[f"train_{key}"] = mean_or_none([log.get(f"gates/{key}") for log in last_logs])
                 collapse = [collapsed_layers(r.get("eval_gate_fractions_per_layer")) for r in finals]
                 cell["collapsed_layers_all0"] = statistics.fmean(c[0] for c in collapse)
                 cell["collapsed_layers_all1"] = statistics.fmean(c[1] for c in collapse)
@@ -578,19 +722,35 @@ def summarize(results: Sequence[dict], tasks: Sequence[str], methods: Sequence[s
 
 
 def error_differences(cells: dict, tasks: Sequence[str], methods: Sequence[str]) -> dict[str, dict]:
-    """Mean test error of each method minus that of fine-tuning, in points (negative: fewer errors)."""
+    """Test error of each method minus that of fine-tuning, in points (negative: fewer errors): per task (mean
+    over seeds), their mean, and the paired per-seed differences (same seed, averaged over tasks) with a 95% t
+    interval of their mean."""
     differences = {}
     for method in methods:
         if method == "finetune":
             continue
+        both = [t for t in tasks if "finetune" in cells.get(t, {}) and method in cells.get(t, {})]
+        if not both:
+            continue
         per_task = {
             task: 100
             * (cells[task]["finetune"]["test_accuracy_mean"] - cells[task][method]["test_accuracy_mean"])
-            for task in tasks
-            if "finetune" in cells.get(task, {}) and method in cells.get(task, {})
+            for task in both
         }
-        if per_task:
-            differences[method] = {"per_task": per_task, "mean": statistics.fmean(per_task.values())}
+        seeds = set.intersection(
+            *(set(cells[t][m]["test_accuracy_per_seed"]) for t in both for m in ("finetune", method))
+        )
+        per_seed = {
+            seed: statistics.fmean(
+                100 * (cells[t]["finetune"]["test_accuracy_per_seed"][seed] - cells[t][method]["test_accuracy_per_seed"][seed])
+                for t in both
+            )
+            for seed in sorted(seeds)
+        }  # fmt: skip
+        entry = {"per_task": per_task, "mean": statistics.fmean(per_task.values()), "per_seed": per_seed}
+        if per_seed:
+            entry["paired_mean"], entry["ci95"] = mean_interval(per_seed.values())
+        differences[method] = entry
     return differences
 
 
@@ -644,8 +804,12 @@ def write_markdown(
         lines += ["> Produced by `--quick`: tiny subsets, a few steps, one seed. It checks that the pipeline runs; "
                   "its numbers say nothing about AdaFilter.", ""]  # fmt: skip
     lines += [verdict(differences, names, quick), "", "## Test accuracy (%), mean ± std over seeds", ""]
-    lines += ["| method | " + " | ".join(names) + " | mean | Δ error vs fine-tuning (points) |"]
-    lines += ["|---" * (len(names) + 3) + "|"]
+    lines += [
+        "| method | "
+        + " | ".join(names)
+        + " | mean | Δ error vs fine-tuning (points) | paired per-seed Δ, 95% CI |"
+    ]
+    lines += ["|---" * (len(names) + 4) + "|"]
     for method in methods:
         row = [METHOD_TITLES[method]]
         means = []
@@ -657,6 +821,7 @@ def write_markdown(
         row.append(percent(statistics.fmean(means)) if len(means) == len(names) else "–")
         diff = differences.get(method)
         row.append("0 (reference)" if method == "finetune" else f"{diff['mean']:+.2f}" if diff else "–")
+        row.append(interval_text(diff) if diff else "–")
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Δ error = test error of the method − test error of standard fine-tuning, in percentage points, "
               "averaged over tasks (negative: the method makes fewer errors). Per task:", ""]  # fmt: skip
@@ -664,6 +829,7 @@ def write_markdown(
     for method, diff in differences.items():
         lines.append("| " + METHOD_TITLES[method] + " | "
                      + " | ".join(f"{diff['per_task'][t]:+.2f}" if t in diff["per_task"] else "–" for t in names) + " |")  # fmt: skip
+    lines += fit_section(cells, names, methods)
     lines += gate_section(cells, names, methods)
     lines += timing_section(cells, names, methods)
     lines += selection_section(cells, names, methods, budget)
@@ -671,24 +837,68 @@ def write_markdown(
     path.write_text("\n".join(lines) + "\n")
 
 
+def interval_text(diff: dict) -> str:
+    """`-1.23 ± 0.45 (seeds: -1.0, -1.5, -1.2)`: the mean paired difference and its 95% t interval."""
+    if diff.get("ci95") is None:
+        return "–"
+    seeds = ", ".join(f"{v:+.1f}" for v in diff["per_seed"].values())
+    return f"{diff['paired_mean']:+.2f} ± {diff['ci95']:.2f} (seeds: {seeds})"
+
+
+def fit_section(cells: dict, names: Sequence[str], methods: Sequence[str]) -> list[str]:
+    """Training accuracy next to test accuracy: which methods fit their training set (the regime where
+    fine-tuning can overfit) and which underfit."""
+    lines = ["", "## Fit: training accuracy (%), mean over seeds", "",
+             "Accuracy on the training images with the evaluation transform, after training.", "",
+             "| method | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]  # fmt: skip
+    for method in methods:
+        row = []
+        for task in names:
+            cell = cells.get(task, {}).get(method)
+            value = cell.get("train_accuracy_mean") if cell else None
+            row.append(percent(value) if value is not None else "–")
+        lines.append(f"| {METHOD_TITLES[method]} | " + " | ".join(row) + " |")
+    return lines
+
+
 def gate_section(cells: dict, names: Sequence[str], methods: Sequence[str]) -> list[str]:
     ada = [m for m in methods if m in ADAFILTER_METHODS]
     if not ada:
         return []
-    lines = ["", "## Fine-tuned fraction (AdaFilter variants)", "",
-             "Share of filters that use the fine-tuned bank (weighted by filter count), mean over seeds, on "
-             "validation / test; collapsed layers: gated layers whose validation fraction is ≤ 2% (all pre-trained) "
-             "or ≥ 98% (all fine-tuned), of all gated layers.", "",
-             "| method | task | validation | test | collapsed all-0 | collapsed all-1 |", "|---|---|---|---|---|---|"]  # fmt: skip
+
+    def shown(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
+        return "–" if value is None else f"{scale * value:.{digits}f}"
+
+    lines = ["", "## Do the learned gates help? (AdaFilter variants)", "",
+             "Test accuracy (%) of the same trained models with their learned gates, with every gate forced to the "
+             "fine-tuned bank (F), and with every gate forced to the pre-trained bank (S); learned gates earn their "
+             "cost only if they beat both. Mean over seeds.", "",
+             "| method | task | learned | all F | all S | learned beats both |", "|---|---|---|---|---|---|"]  # fmt: skip
     for method in ada:
         for task in names:
             cell = cells.get(task, {}).get(method)
             if not cell:
                 continue
-            fractions = [cell.get(f"finetuned_fraction_{s}") for s in ("validation", "test")]
-            shown = [f"{v:.3f}" if v is not None else "–" for v in fractions]
+            forced = [cell.get(f"forced_{bank}_test_accuracy_mean") for bank in ("finetuned", "pretrained")]
+            beats = "–" if None in forced else "yes" if cell["test_accuracy_mean"] > max(forced) else "**no**"
+            lines.append(f"| {METHOD_TITLES[method]} | {task} | {percent(cell['test_accuracy_mean'])} | "
+                         f"{shown(forced[0], 100, 1)} | {shown(forced[1], 100, 1)} | {beats} |")  # fmt: skip
+    lines += ["", "Gate diagnostics. Fine-tuned fraction: share of filters using F (weighted by filter count) on "
+              "validation / test. Example-dependent: share of filters whose decision differs between the images of a "
+              "batch (test). Last training steps: share of sampled training decisions equal to the evaluation "
+              "decision, and mean |log-odds|. Collapsed layers: gated layers whose validation fraction is ≤ 2% "
+              "(all S) or ≥ 98% (all F).", "",
+              "| method | task | fine-tuned fraction (val / test) | example-dependent | train = eval decisions | "
+              "mean abs log-odds | collapsed all-S | collapsed all-F |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for method in ada:
+        for task in names:
+            cell = cells.get(task, {}).get(method)
+            if not cell:
+                continue
             total = cell.get("gated_layers", 0)
-            lines.append(f"| {METHOD_TITLES[method]} | {task} | {shown[0]} | {shown[1]} | "
+            lines.append(f"| {METHOD_TITLES[method]} | {task} | {shown(cell.get('finetuned_fraction_validation'), digits=3)} / "
+                         f"{shown(cell.get('finetuned_fraction_test'), digits=3)} | {shown(cell.get('example_dependent_test'), digits=3)} | "
+                         f"{shown(cell.get('train_train_eval_agreement'), digits=3)} | {shown(cell.get('train_mean_abs_log_odds'))} | "
                          f"{cell['collapsed_layers_all0']:.1f} / {total} | {cell['collapsed_layers_all1']:.1f} / {total} |")  # fmt: skip
     return lines
 
@@ -720,9 +930,13 @@ def selection_section(cells: dict, names: Sequence[str], methods: Sequence[str],
                 row.append("–")
                 continue
             chosen = f"{cell['learning_rate']:g}"
-            entries = [f"**{lr}: {100 * acc:.1f}**" if lr == chosen else f"{lr}: {100 * acc:.1f}"
-                       for lr, acc in cell["selection"].items()]  # fmt: skip
-            row.append(", ".join(entries) if entries else f"**{chosen}** (grid of one)")
+            grid = {f"{lr:g}" for lr in budget.lr_grids.get(method, ())}
+            marks = {lr: "" if lr in grid else "⁺" for lr in cell["selection"]}
+            entries = [f"**{lr}{marks[lr]}: {100 * acc:.1f}**" if lr == chosen else f"{lr}{marks[lr]}: {100 * acc:.1f}"
+                       for lr, acc in sorted(cell["selection"].items(), key=lambda item: float(item[0]))]  # fmt: skip
+            source = budget.lr_from.get(method)
+            empty = f"**{chosen}** ({'from ' + METHOD_TITLES[source] if source else 'grid of one'})"
+            row.append(", ".join(entries) if entries else empty)
         lines.append(f"| {METHOD_TITLES[method]} | " + " | ".join(row) + " |")
     return lines
 
@@ -734,18 +948,13 @@ def setup_section(tasks: Sequence[Task], budget: Budget, meta: dict) -> list[str
              f"({meta['test_evaluations']} of them evaluated the test split, once each).",
              f"- Machine: {meta['machine']}.",
              f"- Backbone: `{meta['model']}`; every run goes through `examples/run.py` in its own process.",
-             f"- Budget, identical for every method: {budget.max_steps} steps at batch {budget.train_batch_size}, "
+             f"- Budget, identical for every method: {length_text(budget, tasks)} at batch {budget.train_batch_size}, "
              f"{budget.image_size} px, AdamW, linear decay after {budget.warmup:.0%} warm-up, weight decay "
-             f"{budget.weight_decay:g}; the pipeline's augmentation (random resized crop, horizontal flip); "
-             f"evaluation at the end only (resize + centre crop). Final seeds {', '.join(map(str, budget.seeds))}; "
-             f"LR selection on seed {budget.selection_seed}.",
-             f"- BatchNorm momentum {budget.batchnorm_momentum if budget.batchnorm_momentum is not None else 'of the backbone'} "
-             "(PyTorch meaning) for every method; the linear probe keeps the pretrained statistics.",
-             "- AdaFilter variants: gate network at learning rate "
-             f"{f'{budget.gate_learning_rate:g}' if budget.gate_learning_rate is not None else 'of the rest'}, "
-             "Gumbel temperature 5 → 0.5 over the run (geometric), no gate regulariser (examples/run.py defaults "
-             "otherwise).",
-             "- Why these two settings (validation-only experiments): `transfer_investigation.md` beside this file.",
+             f"{budget.weight_decay:g}; augmentation: random resized crop (at least {budget.min_crop_scale:.0%} of "
+             f"the image area) and horizontal flip{flip_text(budget, tasks)}; evaluation at the end only (resize + "
+             f"centre crop). Final seeds {', '.join(map(str, budget.seeds))}; LR selection on seed "
+             f"{budget.selection_seed}{lr_from_text(budget)}.",
+             f"- Every other setting is what `examples/run.py` gives every user: {defaults_text(budget)}.",
              "- Tasks:"]  # fmt: skip
     for task in tasks:
         record = task.record
@@ -760,6 +969,65 @@ def setup_section(tasks: Sequence[Task], budget: Budget, meta: dict) -> list[str
               "here**: this machine has no GPU. The same script produces them where one is available.",
               "- Raw results of every run: the `.json` beside this file; the chart: the `.png`."]  # fmt: skip
     return lines
+
+
+def length_text(budget: Budget, tasks: Sequence[Task]) -> str:
+    if budget.max_steps is not None:
+        return f"{budget.max_steps} steps"
+    steps = ", ".join(f"{t.name} {budget.steps(train_images(t))}" for t in tasks if train_images(t))
+    return f"{budget.epochs} epochs (steps: {steps})"
+
+
+def flip_text(budget: Budget, tasks: Sequence[Task]) -> str:
+    unflipped = [
+        t.name for t in tasks if budget.task_aware_flips and t.name in prepare_data.MIRROR_SENSITIVE_TASKS
+    ]
+    return f" (not for {', '.join(unflipped)}: mirrored digits are not digits)" if unflipped else ""
+
+
+def lr_from_text(budget: Budget) -> str:
+    text = ""
+    if budget.lr_from:
+        shared = ", ".join(
+            f"{METHOD_TITLES[m]} takes {METHOD_TITLES[s]}'s" for m, s in budget.lr_from.items()
+        )
+        text += f"; the ablations share the LR chosen for AdaFilter ({shared})"
+    if budget.grid_extensions:
+        text += (f"; when the best LR is at an edge of the grid, the grid is extended by one step that way (up to "
+                 f"{budget.grid_extensions}x; extended LRs are marked ⁺ in the selection table)")  # fmt: skip
+    return text
+
+
+def defaults_text(budget: Budget) -> str:
+    """The examples/run.py defaults the runs use (read from the package, so the report cannot drift)."""
+    from hf_adafilter.arguments import AdaFilterArguments
+
+    defaults = AdaFilterArguments()
+    momentum = (
+        budget.batchnorm_momentum if budget.batchnorm_momentum is not None else defaults.batchnorm_momentum
+    )
+    gate_lr = (
+        budget.gate_learning_rate if budget.gate_learning_rate is not None else defaults.gate_learning_rate
+    )
+    return (
+        f"BatchNorm momentum {momentum:g} (PyTorch meaning; the linear probe keeps the pretrained statistics); for "
+        f"AdaFilter: gate learning rate {gate_lr:g}, prior log-odds {defaults.gate_init_log_odds:g}, Gumbel "
+        f"temperature {defaults.gumbel_temperature_start:g} → {defaults.gumbel_temperature_end:g} (geometric), "
+        f"decision noise {defaults.gate_noise_start:g} → {defaults.gate_noise_end:g} (linear), gate regulariser "
+        f"{defaults.gate_regularization}"
+    )
+
+
+def regime(tasks: Sequence[Task], budget: Budget) -> dict:
+    """How much data and training each task got: tools read this to tell the paper's regime from the short one."""
+    per_class = {t.name: t.record.get("counts_per_class", {}).get("train") for t in tasks}
+    return {
+        "images_per_class": {name: max(counts) if counts else None for name, counts in per_class.items()},
+        "train_images": {t.name: train_images(t) for t in tasks},
+        "epochs": budget.epochs,
+        "steps": {t.name: budget.steps(train_images(t) or 0) if budget.max_steps or train_images(t) else None
+                  for t in tasks},
+    }  # fmt: skip
 
 
 def write_chart(path: Path, report: dict, tasks: Sequence[str], methods: Sequence[str], title: str) -> None:
@@ -799,7 +1067,7 @@ def write_chart(path: Path, report: dict, tasks: Sequence[str], methods: Sequenc
 def output_prefix(args: argparse.Namespace) -> Path:
     if args.output_prefix is not None:
         return args.output_prefix
-    suffix = "_quick" if args.quick else "_full" if args.full else ""
+    suffix = "" if args.preset == DEFAULT_PRESET else f"_{args.preset}"
     return RESULTS_DIR / f"transfer{suffix}"
 
 
@@ -823,7 +1091,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             print(spec.label.replace("lr=nan", "lr=<chosen>"))
         estimate = prior_estimate_s(plan, budget, eval_sizes(tasks))
         print(
-            f"{len(plan)} runs, prior estimate {minutes(estimate)} on 2 quiet CPU cores{CPU_ONLY_NOTE if args.full else ''}"
+            f"{len(plan)} runs, prior estimate {minutes(estimate)} on 2 quiet CPU cores{CPU_ONLY_NOTE if args.preset == 'full' else ''}"
         )
         return {}
     work_dir = args.data_dir / "runs" / prefix.name
@@ -834,7 +1102,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     names = [t.name for t in tasks]
     report = summarize(results, names, args.methods)
     meta = {
-        "preset": "quick" if args.quick else "full" if args.full else "default",
+        "preset": args.preset,
         "command": "python benchmarks/transfer.py " + shlex.join(argv),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine_description(args.threads),
@@ -846,19 +1114,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
     prefix.parent.mkdir(parents=True, exist_ok=True)
     write_markdown(prefix.with_suffix(".md"), report, tasks, args.methods, budget, meta)
     title = f"AdaFilter vs baselines, {args.model_name_or_path}, {budget.image_size} px" + (
-        " (QUICK)" if args.quick else ""
+        " (QUICK)" if args.preset == "quick" else ""
     )
     write_chart(prefix.with_suffix(".png"), report, names, args.methods, title)
     payload = {
         "meta": meta,
         "budget": asdict(budget),
         "tasks": [asdict(t) for t in tasks],
+        "regime": regime(tasks, budget),
         **report,
         "runs": results,
     }
     prefix.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
     print(
-        f"\n{verdict(report['differences'], names, args.quick)}\nwrote {prefix}.md/.json/.png in {minutes(total)}"
+        f"\n{verdict(report['differences'], names, args.preset == 'quick')}\nwrote {prefix}.md/.json/.png in {minutes(total)}"
     )
     return payload
 

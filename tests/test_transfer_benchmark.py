@@ -84,19 +84,40 @@ def test_missing_package_names_its_install_command(tmp_path, monkeypatch):
         prepare_data.prepare_task("tuxpaint", tmp_path, scale="quick")
 
 
+def paper_task(name: str = "toy", train: int = 300) -> transfer.Task:
+    record = {"sizes_per_split": {"train": train, "validation": 50, "test": 100}, "classes": ["x", "y"],
+              "scale": "paper", "seed": 0, "counts_per_class": {"train": [train // 2, train // 2]}}  # fmt: skip
+    return transfer.Task(name, ("--dataset_name", name), record=record)
+
+
 def test_plan_selects_on_validation_and_touches_test_only_in_final_runs():
-    budget = transfer.PRESETS["default"]
-    task = transfer.Task("toy", ("--dataset_name", "toy"))
+    budget = transfer.PRESETS["paper"]
+    task = paper_task()
     plan = transfer.plan_runs([task], list(transfer.METHODS), budget)
-    per_method = len(budget.lr_grids["finetune"]) + len(budget.seeds)
-    assert len(plan) == len(transfer.METHODS) * per_method
-    assert {len(budget.lr_grids[m]) for m in transfer.METHODS} == {2}  # the same grid size for every method
+    own_grid = [m for m in transfer.METHODS if m not in budget.lr_from]
+    assert {len(budget.lr_grids[m]) for m in own_grid} == {
+        3
+    }  # the same grid size for every method with a grid
+    assert len(plan) == len(own_grid) * 3 + len(transfer.METHODS) * len(budget.seeds)
+    # The ablations take AdaFilter's LR: no selection runs of their own, and they come after AdaFilter.
+    assert not [s for s in plan if s.method in budget.lr_from and s.phase == "select"]
+    order = [s.method for s in plan]
+    assert max(order.index(m) for m in budget.lr_from) > order.index("adafilter")
     for spec in plan:
         argv = transfer.run_argv(spec, task, budget, "model", Path("out"))
         assert ("--do_predict" in argv) == (spec.phase == "final")
         assert spec.seed not in budget.seeds if spec.phase == "select" else spec.seed in budget.seeds
-        assert argv[argv.index("--max_steps") + 1] == str(budget.max_steps)
-        assert ("--gate_learning_rate" in argv) == spec.method.startswith("adafilter")
+        assert argv[argv.index("--max_steps") + 1] == str(
+            budget.epochs * math.ceil(300 / budget.train_batch_size)
+        )
+        assert ("--evaluate_forced_gates" in argv) == spec.method.startswith("adafilter")
+        assert (
+            "--gate_learning_rate" not in argv and "--batchnorm_momentum" not in argv
+        )  # the users' defaults
+    # Digits are not mirrored; other tasks are.
+    digits = transfer.run_argv(plan[0], paper_task("mnist"), budget, "m", Path("out"))
+    assert digits[digits.index("--horizontal_flip") + 1] == "false"
+    assert argv[argv.index("--horizontal_flip") + 1] == "true"
     # examples/run.py reads the ablation flags as meant (HfArgumentParser's bool syntax).
     run_module = load_run_module()
     for method, network, gated_norm in (
@@ -104,11 +125,25 @@ def test_plan_selects_on_validation_and_touches_test_only_in_final_runs():
         ("adafilter_no_gated_norm", "lstm", False),
     ):
         spec = next(s for s in plan if s.method == method)
-        _, _, adafilter_args, _ = run_module.parse_args(
+        _, data_args, adafilter_args, _ = run_module.parse_args(
             transfer.run_argv(spec, task, budget, "m", Path("out"))
         )
         assert (adafilter_args.gate_network, adafilter_args.gated_norm) == (network, gated_norm)
-        assert adafilter_args.batchnorm_momentum == budget.batchnorm_momentum
+        assert adafilter_args.evaluate_forced_gates and data_args.evaluate_train_split
+        assert data_args.min_crop_scale == budget.min_crop_scale
+
+
+def test_short_preset_keeps_the_first_benchmarks_budget():
+    budget = transfer.PRESETS["short"]
+    assert (budget.scale, budget.image_size, budget.max_steps, budget.min_crop_scale) == (
+        "default",
+        96,
+        72,
+        0.08,
+    )
+    argv = transfer.run_argv(transfer.RunSpec("mnist", "finetune", 1e-3, 1, "final"), paper_task("mnist"), budget, "m",
+                             Path("out"))  # fmt: skip
+    assert argv[argv.index("--max_steps") + 1] == "72" and argv[argv.index("--horizontal_flip") + 1] == "true"
 
 
 def test_learning_rate_choice_uses_validation_accuracy_then_loss():
@@ -120,12 +155,13 @@ def test_learning_rate_choice_uses_validation_accuracy_then_loss():
     assert transfer.choose_learning_rate([], (1e-2,)) == 1e-2
 
 
-def test_final_runs_use_the_learning_rate_chosen_on_validation_and_resume_reuses_runs(tmp_path, monkeypatch):
+def fake_runs(monkeypatch, best_lr: float) -> list:
+    """Replaces execute: validation accuracy peaks at `best_lr` (log scale); returns the list of executed specs."""
     executed = []
 
     def fake_execute(spec, task, budget, args, work_dir):
         executed.append(spec)
-        accuracy = 0.9 if spec.learning_rate == 3e-4 else 0.8  # the smaller LR wins on validation
+        accuracy = 0.9 - 0.05 * abs(math.log10(spec.learning_rate / best_lr))
         metrics = {"eval_accuracy": accuracy, "eval_loss": 1.0}
         if spec.phase == "final":
             metrics["test_accuracy"] = accuracy
@@ -133,17 +169,35 @@ def test_final_runs_use_the_learning_rate_chosen_on_validation_and_resume_reuses
                 "key": transfer.fingerprint(spec, task, budget, args.model_name_or_path)}  # fmt: skip
 
     monkeypatch.setattr(transfer, "execute", fake_execute)
-    args = transfer.parse_args(["--methods", "finetune", "--resume"])
-    budget = transfer.PRESETS["default"]
-    tasks = [transfer.Task("toy", ("--dataset_name", "toy"))]
+    return executed
+
+
+def test_final_runs_use_the_learning_rate_chosen_on_validation_and_resume_reuses_runs(tmp_path, monkeypatch):
+    executed = fake_runs(monkeypatch, best_lr=1e-3)
+    args = transfer.parse_args(["--methods", "finetune", "adafilter", "adafilter_independent", "--resume"])
+    budget = transfer.PRESETS["paper"]
+    tasks = [paper_task()]
     results = transfer.run_suite(args, budget, tasks, tmp_path)
     finals = [r for r in results if r["phase"] == "final"]
-    assert [r["seed"] for r in finals] == list(budget.seeds) and {r["learning_rate"] for r in finals} == {
-        3e-4
-    }
-    assert [s.phase for s in executed[:2]] == ["select", "select"]
+    assert {r["learning_rate"] for r in finals} == {1e-3}  # the middle of the grid: no extension
+    assert len(finals) == 3 * len(budget.seeds)
+    assert [s.phase for s in executed[:3]] == ["select"] * 3
+    assert not [s for s in executed if s.method == "adafilter_independent" and s.phase == "select"]
     executed.clear()
     assert len(transfer.run_suite(args, budget, tasks, tmp_path)) == len(results) and not executed
+
+
+@pytest.mark.parametrize(("best_lr", "extension"), [(1e-2, 9e-3), (1e-4, 9e-5)])
+def test_a_choice_at_the_edge_of_the_grid_extends_it_once(tmp_path, monkeypatch, best_lr, extension):
+    executed = fake_runs(monkeypatch, best_lr=best_lr)
+    args = transfer.parse_args(["--methods", "finetune"])
+    budget = transfer.PRESETS["paper"]
+    results = transfer.run_suite(args, budget, [paper_task()], tmp_path)
+    selection = [s.learning_rate for s in executed if s.phase == "select"]
+    assert selection[:3] == list(budget.lr_grids["finetune"]) and len(selection) == 3 + budget.grid_extensions
+    assert selection[3] == pytest.approx(extension)
+    finals = [r["learning_rate"] for r in results if r["phase"] == "final"]
+    assert finals == [pytest.approx(extension)] * len(budget.seeds)
 
 
 def synthetic_runs() -> list[dict]:
@@ -154,8 +208,10 @@ def synthetic_runs() -> list[dict]:
             for seed, noise in zip((1, 2, 3), (-0.01, 0.0, 0.01), strict=True):
                 metrics = {"test_accuracy": base + noise + (0.02 if task == "b" else 0.0), "eval_accuracy": base,
                            "eval_loss": 1.0, "train_runtime": 10.0}  # fmt: skip
+                metrics["train_eval_accuracy"] = 0.99
                 if method == "adafilter":
-                    metrics |= {"eval_gates/finetuned_fraction": 0.4, "test_gates/finetuned_fraction": 0.5}
+                    metrics |= {"eval_gates/finetuned_fraction": 0.4, "test_gates/finetuned_fraction": 0.5,
+                                "test_forced_finetuned_accuracy": 0.81, "test_forced_pretrained_accuracy": 0.5}  # fmt: skip
                 runs.append({"task": task, "method": method, "phase": "final", "seed": seed, "learning_rate": 1e-3,
                              "metrics": metrics, "wall_s": 20.0, "peak_rss_mb": 900.0,
                              "eval_gate_fractions_per_layer": {"l1": 0.0, "l2": 0.5, "l3": 1.0}})  # fmt: skip
@@ -170,16 +226,27 @@ def test_report_states_the_error_difference_and_gate_use(tmp_path):
     difference = report["differences"]["adafilter"]
     assert difference["per_task"] == pytest.approx({"a": -3.0, "b": -3.0})
     assert difference["mean"] == pytest.approx(-3.0)
+    # Paired per seed: the same -3 points for every seed, so the interval has zero width.
+    assert difference["per_seed"] == pytest.approx({1: -3.0, 2: -3.0, 3: -3.0})
+    assert difference["paired_mean"] == pytest.approx(-3.0) and difference["ci95"] == pytest.approx(0.0)
     cell = report["cells"]["a"]["adafilter"]
     assert cell["test_accuracy_std"] == pytest.approx(0.01)
+    assert cell["train_accuracy_mean"] == pytest.approx(0.99)
+    assert cell["forced_finetuned_test_accuracy_mean"] == pytest.approx(0.81)
     assert (cell["collapsed_layers_all0"], cell["collapsed_layers_all1"], cell["gated_layers"]) == (1, 1, 3)
-    budget = transfer.PRESETS["default"]
-    tasks = [transfer.Task("a", ()), transfer.Task("b", ())]
-    meta = {"preset": "default", "command": "python benchmarks/transfer.py", "date": "today", "machine": "m",
+    budget = transfer.PRESETS["paper"]
+    tasks = [paper_task("a"), paper_task("b")]
+    meta = {"preset": "paper", "command": "python benchmarks/transfer.py", "date": "today", "machine": "m",
             "model": "efficientnet-lite0", "total_wall_s": 60.0, "runs": 12, "test_evaluations": 9}  # fmt: skip
     transfer.write_markdown(tmp_path / "t.md", report, tasks, methods, budget, meta)
     text = (tmp_path / "t.md").read_text()
     assert "AdaFilter beats standard fine-tuning" in text and "-3.00" in text and "83.0 ± 1.0" in text
+    assert "-3.00 ± 0.00 (seeds: -3.0, -3.0, -3.0)" in text and "| 99.0 |" in text
+    assert "| AdaFilter (LSTM gates, gated BN) | a | 83.0 | 81.0 | 50.0 | yes |" in text
+    assert transfer.regime(tasks, budget) == {
+        "images_per_class": {"a": 150, "b": 150}, "train_images": {"a": 300, "b": 300}, "epochs": 30,
+        "steps": {"a": 300, "b": 300},
+    }  # fmt: skip
     assert "not measured" in text and "QUICK" not in text
     transfer.write_chart(tmp_path / "t.png", report, ["a", "b"], methods, "title")
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
