@@ -334,9 +334,8 @@ def decisive_gates(model: AdaFilterForImageClassification) -> AdaFilterForImageC
     with torch.no_grad():
         for head in model.adafilter.gate_controller.heads:
             head.weight.mul_(0.01)
-            signs = torch.randint(0, 2, (head.bias.shape[0] // 2,), generator=generator).float() * 2 - 1
-            head.bias.zero_()
-            head.bias[1::2] = 4 * signs
+            signs = torch.randint(0, 2, head.bias.shape, generator=generator).float() * 2 - 1
+            head.bias.copy_(4 * signs)
     return model
 
 
