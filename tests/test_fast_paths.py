@@ -259,6 +259,10 @@ def layer_outputs(layer: GatedLayer, implementation: str, pixels: torch.Tensor):
     ],
 )
 def test_conv_variants_match_reference(conv):
+    # Seeded: the weight-standardised conv's weight gradient is a near-cancelling difference (~1e-6 of its terms),
+    # so for about 1 draw in 30 its float64 rounding exceeds 1e-9 of its own size; unseeded, the draw depended on
+    # how many random numbers earlier tests consumed.
+    torch.manual_seed(0)
     norm = nn.BatchNorm2d(conv.out_channels)
     layer = standalone_layer(conv, norm).train()
     pixels = torch.randn(3, conv.in_channels, 9, 9, dtype=torch.float64)
