@@ -587,7 +587,7 @@ def run_suite(args: argparse.Namespace, budget: Budget, tasks: Sequence[Task], w
         if source is not None and (task, source) in chosen:
             return chosen[(task, source)]
         grid = budget.lr_grids.get(method) or budget.lr_grids[source]
-        for _ in range(budget.grid_extensions + 1):
+        while True:  # ends: each pass runs one more LR, and the cap on extensions returns
             selection = [
                 r for r in done if r["phase"] == "select" and (r["task"], r["method"]) == (task, method)
             ]
@@ -602,8 +602,6 @@ def run_suite(args: argparse.Namespace, budget: Budget, tasks: Sequence[Task], w
             # One more step of the grid's own spacing at that end.
             lr = best * grid[-1] / grid[-2] if best == tried[-1] else best * grid[0] / grid[1]
             run(RunSpec(task, method, float(f"{lr:.3g}"), budget.selection_seed, "select"))
-        selection = [r for r in done if r["phase"] == "select" and (r["task"], r["method"]) == (task, method)]
-        return choose_learning_rate(selection, grid)
 
     while pending:
         spec = pending.pop(0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .configuration_adafilter import GATE_NETWORKS
+from .configuration_adafilter import GATE_NETWORKS, AdaFilterConfig
 from .regularization import GATE_REGULARIZERS
 
 
@@ -51,7 +51,7 @@ class AdaFilterArguments:
         default=0.5, metadata={"help": "Temperature at the last step (geometric annealing in between)."}
     )
     gate_init_log_odds: float = field(
-        default=0.0,
+        default=AdaFilterConfig.gate_init_log_odds,
         metadata={
             "help": "Initial prior log-odds of every filter using the fine-tuned bank (gate head bias)."
         },

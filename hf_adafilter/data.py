@@ -820,7 +820,9 @@ def build_transforms(
     """
     spec = resolve_preprocessing(image_processor, image_size)
     return (
-        ImageTransform(spec, True, image_column, label_column, augmentation),
+        ImageTransform(
+            spec, train=True, image_column=image_column, label_column=label_column, augmentation=augmentation
+        ),
         ImageTransform(spec, train=False, image_column=image_column, label_column=label_column),
     )
 

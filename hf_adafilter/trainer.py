@@ -41,10 +41,14 @@ HUB_IGNORED_FILES = ("training_args.bin",)
 TRAINING_ARGS_JSON = "training_args.json"
 
 
+def schedule_progress(step: int, max_steps: int) -> float:
+    """0 at the first step, 1 at the last (and after): where a gate schedule stands."""
+    return min(step / max(max_steps - 1, 1), 1.0)
+
+
 def gumbel_temperature_at(step: int, max_steps: int, start: float, end: float) -> float:
     """Geometric interpolation: equal ratios per step, so the late, low-temperature phase is not rushed."""
-    progress = min(step / max(max_steps - 1, 1), 1.0)
-    return start * (end / start) ** progress
+    return start * (end / start) ** schedule_progress(step, max_steps)
 
 
 def set_batchnorm_momentum(model: nn.Module, momentum: float) -> None:
@@ -57,8 +61,7 @@ def set_batchnorm_momentum(model: nn.Module, momentum: float) -> None:
 
 def gate_noise_at(step: int, max_steps: int, start: float, end: float) -> float:
     """Linear interpolation: the noise scale can reach exactly 0."""
-    progress = min(step / max(max_steps - 1, 1), 1.0)
-    return start + (end - start) * progress
+    return start + (end - start) * schedule_progress(step, max_steps)
 
 
 class GateScheduleCallback(TrainerCallback):
