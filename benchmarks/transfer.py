@@ -59,6 +59,9 @@ METHODS: dict[str, tuple[str, ...]] = {
     "adafilter": ("--method", "adafilter"),
     "adafilter_independent": ("--method", "adafilter", "--gate_network", "independent"),
     "adafilter_no_gated_norm": ("--method", "adafilter", "--gated_norm", "false"),
+    "l2sp": ("--method", "l2sp"),
+    "lora": ("--method", "lora"),
+    "bitfit": ("--method", "bitfit"),
 }
 METHOD_TITLES = {
     "linear_probe": "linear probe",
@@ -66,13 +69,32 @@ METHOD_TITLES = {
     "adafilter": "AdaFilter (LSTM gates, gated BN)",
     "adafilter_independent": "AdaFilter, independent gates (ablation)",
     "adafilter_no_gated_norm": "AdaFilter, no gated BN (ablation)",
+    "l2sp": "L2-SP fine-tuning",
+    "lora": "LoRA (PEFT)",
+    "bitfit": "BitFit (biases, norms, head)",
 }
+# The paper's comparison (default), and with --extended the methods a user would otherwise pick.
+CORE_METHODS = ("linear_probe", "finetune", "adafilter", "adafilter_independent", "adafilter_no_gated_norm")
+EXTENDED_METHODS = (*CORE_METHODS, "l2sp", "lora", "bitfit")
 ADAFILTER_METHODS = tuple(m for m in METHODS if m.startswith("adafilter"))
 # Relative cost of a training step (fine-tuning = 1), for the estimate printed before the first run is timed.
 # Measured at 96 px, batch 32, 2 threads, in the quietest minutes of a shared machine (best of 6 steps): fine-tuning
 # 0.40 s, AdaFilter variants 0.80-0.86 s, linear probe 0.10 s; evaluation ~4 ms per image (AdaFilter ~6.5 ms).
-PRIOR_STEP_COST = {"linear_probe": 0.25, "finetune": 1.0} | dict.fromkeys(ADAFILTER_METHODS, 2.1)
-PRIOR_EVAL_COST = {"linear_probe": 0.8, "finetune": 1.0} | dict.fromkeys(ADAFILTER_METHODS, 1.65)
+# The baselines: L2-SP as fine-tuning, LoRA and BitFit estimated (both still back-propagate through the backbone).
+PRIOR_STEP_COST = {
+    "linear_probe": 0.25,
+    "finetune": 1.0,
+    "l2sp": 1.05,
+    "lora": 1.2,
+    "bitfit": 0.8,
+} | dict.fromkeys(ADAFILTER_METHODS, 2.1)
+PRIOR_EVAL_COST = {
+    "linear_probe": 0.8,
+    "finetune": 1.0,
+    "l2sp": 1.0,
+    "lora": 1.2,
+    "bitfit": 1.0,
+} | dict.fromkeys(ADAFILTER_METHODS, 1.65)
 PRIOR_FINETUNE_STEP_S = 0.45  # incl. loading and augmenting the batch
 PRIOR_EVAL_S_PER_IMAGE = 0.004  # fine-tuning's, at 96 px
 PRIOR_RUN_OVERHEAD_S = 7.0  # interpreter, imports, model build, saving
@@ -123,7 +145,9 @@ class Budget:
 
 _ABLATIONS_SHARE_ADAFILTER_LR = {m: "adafilter" for m in ADAFILTER_METHODS if m != "adafilter"}
 _SHORT_GRID = (3e-4, 1e-3)
-_SHORT_PROBE_GRID = (3e-3, 1e-2)  # a head alone on frozen features wants a larger step
+# Few trainable parameters on frozen features (a head, LoRA, biases) want a larger step.
+_FEW_PARAMETERS = ("linear_probe", "lora", "bitfit")
+_SHORT_PROBE_GRID = (3e-3, 1e-2)
 PRESETS: dict[str, Budget] = {
     # The paper's regime: 30 labelled images per class, trained to convergence (fine-tuning fits its training set).
     "paper": Budget(
@@ -138,6 +162,9 @@ PRESETS: dict[str, Budget] = {
             "linear_probe": (3e-3, 1e-2, 3e-2),
             "finetune": (3e-4, 1e-3, 3e-3),
             "adafilter": (3e-4, 1e-3, 3e-3),
+            "l2sp": (3e-4, 1e-3, 3e-3),
+            "lora": (1e-3, 3e-3, 1e-2),
+            "bitfit": (1e-3, 3e-3, 1e-2),
         },  # fmt: skip
         min_crop_scale=0.25,
         task_aware_flips=True,
@@ -153,8 +180,7 @@ PRESETS: dict[str, Budget] = {
         eval_batch_size=100,
         seeds=(1, 2, 3),
         selection_seed=0,
-        lr_grids={"linear_probe": _SHORT_PROBE_GRID}
-        | {m: _SHORT_GRID for m in METHODS if m != "linear_probe"},
+        lr_grids={m: _SHORT_PROBE_GRID if m in _FEW_PARAMETERS else _SHORT_GRID for m in METHODS},
     ),
     "quick": Budget(
         scale="quick",
@@ -164,7 +190,7 @@ PRESETS: dict[str, Budget] = {
         eval_batch_size=32,
         seeds=(1,),
         selection_seed=0,
-        lr_grids={"linear_probe": (1e-2,)} | {m: (1e-3,) for m in METHODS if m != "linear_probe"},
+        lr_grids={m: (1e-2,) if m in _FEW_PARAMETERS else (1e-3,) for m in METHODS},
         warmup=0.0,
     ),
     "full": Budget(
@@ -175,8 +201,7 @@ PRESETS: dict[str, Budget] = {
         eval_batch_size=128,
         seeds=(1, 2, 3),
         selection_seed=0,
-        lr_grids={"linear_probe": (1e-3, 3e-3, 1e-2)}
-        | {m: (1e-4, 3e-4, 1e-3) for m in METHODS if m != "linear_probe"},
+        lr_grids={m: (1e-3, 3e-3, 1e-2) if m in _FEW_PARAMETERS else (1e-4, 3e-4, 1e-3) for m in METHODS},
         dataloader_workers=4,
     ),
 }
@@ -231,7 +256,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="packaged tasks (default: all, or none when a custom dataset is given)",
     )
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    methods = parser.add_mutually_exclusive_group()
+    methods.add_argument(
+        "--methods", nargs="+", choices=list(METHODS), help=f"default: {' '.join(CORE_METHODS)}"
+    )
+    methods.add_argument(
+        "--extended",
+        action="store_true",
+        help="also the methods a user would pick instead: L2-SP, LoRA (needs peft), BitFit",
+    )
     parser.add_argument("--model_name_or_path", default="efficientnet-lite0")
     parser.add_argument("--image_size", type=int, help="crop size (multiples of 32 for the packaged Lite0)")
     parser.add_argument("--max_steps", type=int, help="training steps of every run (instead of epochs)")
@@ -286,6 +319,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         custom.add_argument(f"--{flag}", default=None)
     args = parser.parse_args(argv)
     args.preset = args.preset or ("quick" if args.quick else "full" if args.full else DEFAULT_PRESET)
+    args.methods = args.methods or list(EXTENDED_METHODS if args.extended else CORE_METHODS)
     return args  # fmt: skip
 
 
@@ -418,14 +452,11 @@ def plan_runs(tasks: Sequence[Task], methods: Sequence[str], budget: Budget) -> 
 
 
 def fingerprint(spec: RunSpec, task: Task, budget: Budget, model: str) -> str:
-    """Identifies a run's settings, for --resume: same task data, method, LR, seed, budget and model."""
-    payload = {
-        "spec": asdict(spec),
-        "task": [task.data_args, task.record.get("sources"), task.record.get("sizes")],
-        "budget": asdict(budget),
-        "model": model,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """Identifies a run for --resume by what it runs: its examples/run.py command line (output folder aside) and its
+    task's data. What the suite plans around it (other methods' grids, other seeds) does not change it."""
+    argv = run_argv(spec, task, budget, model, Path("<output_dir>"))
+    payload = [argv, task.record.get("sources"), task.record.get("sizes")]
+    return hashlib.sha256(json.dumps(payload, default=str).encode()).hexdigest()[:16]
 
 
 def execute(spec: RunSpec, task: Task, budget: Budget, args: argparse.Namespace, work_dir: Path) -> dict:
@@ -457,16 +488,22 @@ def execute(spec: RunSpec, task: Task, budget: Budget, args: argparse.Namespace,
     return result
 
 
+def load_run_script():
+    """examples/run.py as a module."""
+    spec = importlib.util.spec_from_file_location("adafilter_run_example", RUN_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
 def worker(result_path: str, threads: int, argv: list[str]) -> None:
     """Inside the run's process: examples/run.py's main(argv), timed, with its peak memory."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    spec = importlib.util.spec_from_file_location("adafilter_run_example", RUN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
+    module = load_run_script()
     start_cpu, start = time.process_time(), time.perf_counter()
     metrics = module.main(argv)
     output_dir = Path(argv[argv.index("--output_dir") + 1])
@@ -485,6 +522,38 @@ def worker(result_path: str, threads: int, argv: list[str]) -> None:
         "last_train_gate_log": gate_logs[-1] if gate_logs else None,
     }
     Path(result_path).write_text(json.dumps(result, indent=1) + "\n")
+
+
+def method_costs(methods: Sequence[str], model: str, num_labels: int, work_dir: Path) -> dict[str, dict]:
+    """What each method trains and what it saves: its model built and saved as examples/run.py builds and saves it
+    (before training: sizes do not depend on it), with a `num_labels`-class head. AdaFilter also compact."""
+    from hf_adafilter.methods import build_classifier, count_parameters
+
+    run_script = load_run_script()
+    id2label = {index: str(index) for index in range(num_labels)}
+    costs = {}
+    for method in methods:
+        model_args, _, adafilter_args, baseline_args, _ = run_script.parse_args(
+            [*METHODS[method], "--model_name_or_path", model, "--output_dir", str(work_dir)]
+        )
+        classifier = build_classifier(method=model_args.method, name_or_path=model, id2label=id2label,
+                                      adafilter_args=adafilter_args, baseline_args=baseline_args)  # fmt: skip
+        trainable, total = count_parameters(classifier)
+        folder = work_dir / f"cost-{method}"
+        shutil.rmtree(folder, ignore_errors=True)
+        classifier.save_pretrained(folder)
+        costs[method] = {"trainable_parameters": trainable, "total_parameters": total,
+                         "saved_bytes": weight_bytes(folder)}  # fmt: skip
+        if method in ADAFILTER_METHODS:
+            classifier.save_pretrained(folder / "compact", compact=True)
+            costs[method]["compact_bytes"] = weight_bytes(folder / "compact")
+        shutil.rmtree(folder)
+    return costs
+
+
+def weight_bytes(folder: Path) -> int:
+    """Size of the weight files (safetensors) directly in `folder`."""
+    return sum(path.stat().st_size for path in folder.glob("*.safetensors"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -830,6 +899,7 @@ def write_markdown(
     lines += fit_section(cells, names, methods)
     lines += gate_section(cells, names, methods)
     lines += timing_section(cells, names, methods)
+    lines += cost_section(report.get("costs", {}), methods, meta)
     lines += selection_section(cells, names, methods, budget)
     lines += setup_section(tasks, budget, meta)
     path.write_text("\n".join(lines) + "\n")
@@ -912,6 +982,27 @@ def timing_section(cells: dict, names: Sequence[str], methods: Sequence[str]) ->
         train = statistics.median(c["train_s_median"] for c in run_cells)
         rss = max(c["peak_rss_mb_max"] for c in run_cells)
         lines.append(f"| {METHOD_TITLES[method]} | {wall:.0f} | {train:.0f} | {rss:.0f} |")
+    return lines
+
+
+def cost_section(costs: dict[str, dict], methods: Sequence[str], meta: dict) -> list[str]:
+    """Trainable parameters and saved size per method: what choosing a method costs beyond accuracy."""
+    if not costs:
+        return []
+    lines = ["", "## What each method trains and saves", "",
+             f"`{meta['model']}` with a {meta.get('cost_num_labels', '?')}-class head, saved as `examples/run.py` "
+             "saves it (fp32 safetensors). LoRA saves a PEFT adapter (LoRA matrices, head, BatchNorms) that loads "
+             "onto the base backbone; an AdaFilter model also saves compact (`save_pretrained(compact=True)`: the "
+             "fine-tuned bank, norms, gates and head, on the base backbone).", "",
+             "| method | trainable parameters | of all | saved (MB) | compact (MB) |", "|---|---|---|---|---|"]  # fmt: skip
+    for method in methods:
+        cost = costs.get(method)
+        if cost is None:
+            continue
+        compact = cost.get("compact_bytes")
+        lines.append(f"| {METHOD_TITLES[method]} | {cost['trainable_parameters']:,} | "
+                     f"{cost['trainable_parameters'] / cost['total_parameters']:.1%} | {cost['saved_bytes'] / 1e6:.1f} | "
+                     f"{'–' if compact is None else f'{compact / 1e6:.1f}'} |")  # fmt: skip
     return lines
 
 
@@ -1099,6 +1190,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     total = time.perf_counter() - start
     names = [t.name for t in tasks]
     report = summarize(results, names, args.methods)
+    num_labels = len(tasks[0].record.get("classes", ())) or 10
+    report["costs"] = method_costs(args.methods, args.model_name_or_path, num_labels, work_dir)
     meta = {
         "preset": args.preset,
         "command": "python benchmarks/transfer.py " + shlex.join(argv),
@@ -1108,6 +1201,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "total_wall_s": total,
         "runs": len(results),
         "test_evaluations": sum(r["phase"] == "final" for r in results),
+        "cost_num_labels": num_labels,
     }
     prefix.parent.mkdir(parents=True, exist_ok=True)
     write_markdown(prefix.with_suffix(".md"), report, tasks, args.methods, budget, meta)

@@ -25,7 +25,7 @@ import transformers
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from hf_adafilter.arguments import AdaFilterArguments
+from hf_adafilter.arguments import AdaFilterArguments, BaselineArguments
 from hf_adafilter.data import (
     Augmentation,
     DataError,
@@ -40,6 +40,8 @@ from hf_adafilter.methods import (
     TRAINING_DEFAULTS,
     apply_training_defaults,
     build_classifier,
+    build_weight_penalty,
+    count_parameters,
     load_image_processor,
 )
 from hf_adafilter.metrics import build_compute_metrics
@@ -80,7 +82,9 @@ class ModelArguments:
     method: str = field(
         default="adafilter",
         metadata={
-            "help": "adafilter, or a baseline through the same pipeline: finetune, linear_probe.",
+            "help": "adafilter, or a baseline through the same pipeline: finetune, linear_probe, l2sp (fine-tuning "
+            "pulled towards the pretrained weights), lora (PEFT LoRA on the layers AdaFilter gates; needs peft), "
+            "bitfit (biases, norms and head only).",
             "choices": list(METHODS),
         },
     )
@@ -151,7 +155,7 @@ def training_defaults_help() -> str:
 
 def parse_args(argv: list[str] | None = None):
     parser = HfArgumentParser(
-        (ModelArguments, DataTrainingArguments, AdaFilterArguments, TrainingArguments),
+        (ModelArguments, DataTrainingArguments, AdaFilterArguments, BaselineArguments, TrainingArguments),
         epilog=training_defaults_help(),
     )
     argv = sys.argv[1:] if argv is None else argv
@@ -164,7 +168,7 @@ def parse_args(argv: list[str] | None = None):
     else:
         parsed = parser.parse_args_into_dataclasses(args=argv)
         given = {arg[2:].split("=")[0] for arg in argv if arg.startswith("--")}
-    model_args, _, _, training_args = parsed
+    model_args, *_, training_args = parsed
     applied = apply_training_defaults(training_args, model_args.method, given)
     if applied:
         logger.info(f"{model_args.method} defaults for flags not given: {applied}")
@@ -216,7 +220,7 @@ def detect_checkpoint(training_args: TrainingArguments, model_args: ModelArgumen
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    model_args, data_args, adafilter_args, training_args = parse_args(argv)
+    model_args, data_args, adafilter_args, baseline_args, training_args = parse_args(argv)
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
         level=logging.INFO if training_args.should_log else logging.WARNING,
@@ -240,7 +244,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         # The saved processor then preprocesses exactly as the evaluation did.
         processor = resize_image_processor(processor, data_args.image_size)
     model = build_classifier(
-        model_args.method, model_args.model_name_or_path, data.id2label, adafilter_args, **hub_kwargs
+        model_args.method,
+        model_args.model_name_or_path,
+        data.id2label,
+        adafilter_args,
+        baseline_args,
+        **hub_kwargs,
+    )
+    trainable, total = count_parameters(model)
+    logger.info(
+        f"{model_args.method}: {trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})"
     )
     augmentation = Augmentation(data_args.min_crop_scale, data_args.horizontal_flip)
     train_transform, eval_transform = build_transforms(
@@ -260,6 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         compute_metrics=build_compute_metrics(),
         processing_class=processor,
         adafilter_args=adafilter_args,
+        weight_penalty=build_weight_penalty(model_args.method, model, baseline_args),
     )
     results: dict[str, float] = {}
     if training_args.do_train:

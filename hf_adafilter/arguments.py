@@ -1,10 +1,12 @@
-"""AdaFilter's command-line arguments, in the dataclass style `HfArgumentParser` reads."""
+"""The command-line arguments of AdaFilter and of the baselines, in the dataclass style `HfArgumentParser` reads."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
 from .configuration_adafilter import GATE_NETWORKS, AdaFilterConfig
+from .l2sp import L2SP_ALPHA, L2SP_BETA
+from .lora import LORA_ALPHA, LORA_DROPOUT, LORA_R
 from .regularization import GATE_REGULARIZERS
 
 
@@ -128,3 +130,34 @@ class AdaFilterArguments:
         overrides = {key: value for key, value in asdict(self).items() if key in keys}
         overrides["gumbel_temperature"] = self.gumbel_temperature_start
         return overrides
+
+
+@dataclass
+class BaselineArguments:
+    """Settings of the baselines that train through the same pipeline (`--method l2sp | lora`)."""
+
+    l2sp_alpha: float = field(
+        default=L2SP_ALPHA,
+        metadata={
+            "help": "L2-SP: weight of alpha/2 * ||w - w0||^2 pulling the backbone towards its pretrained w0."
+        },
+    )
+    l2sp_beta: float = field(
+        default=L2SP_BETA, metadata={"help": "L2-SP: weight of beta/2 * ||w||^2 on the new head."}
+    )
+    lora_r: int = field(default=LORA_R, metadata={"help": "LoRA rank."})
+    lora_alpha: float = field(
+        default=LORA_ALPHA, metadata={"help": "LoRA scaling numerator (scale alpha / r)."}
+    )
+    lora_dropout: float = field(default=LORA_DROPOUT, metadata={"help": "Dropout on LoRA's input."})
+
+    def __post_init__(self) -> None:
+        for name in ("l2sp_alpha", "l2sp_beta"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")
+        if self.lora_r < 1:
+            raise ValueError(f"--lora_r must be >= 1, got {self.lora_r}.")
+        if not self.lora_alpha > 0:
+            raise ValueError(f"--lora_alpha must be > 0, got {self.lora_alpha}.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")

@@ -3,6 +3,9 @@
 - `adafilter`: the backbone wrapped with gated filters (`AdaFilterForImageClassification.from_backbone`).
 - `finetune`: standard fine-tuning, the plain transformers classifier with every weight trainable.
 - `linear_probe`: only the new head trains; the backbone, its BatchNorm statistics included, stays fixed.
+- `l2sp`: fine-tuning pulled towards the pre-trained weights (`l2sp.L2SPPenalty`, added by the trainer).
+- `lora`: PEFT's LoRA on the layers AdaFilter gates, head and BatchNorms trained (`lora.apply_lora`).
+- `bitfit`: only biases, norm affine parameters and the head train.
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, PreTrainedModel
 
-from .arguments import AdaFilterArguments
+from .arguments import AdaFilterArguments, BaselineArguments
 from .backbones import find_classifier_linear, get_family
+from .l2sp import L2SPPenalty
+from .lora import apply_lora
 from .modeling_adafilter import BACKBONE_RESOLVERS, AdaFilterForImageClassification
 
-METHODS = ("adafilter", "finetune", "linear_probe")
+METHODS = ("adafilter", "finetune", "linear_probe", "l2sp", "lora", "bitfit")
 
 # `TrainingArguments` defaults per method for a small labelled image dataset, applied where the user sets nothing.
 # transformers' own (learning rate 5e-5, 3 epochs, batch 8, no warm-up) are made for transformer fine-tuning: with
@@ -33,6 +38,9 @@ TRAINING_DEFAULTS: dict[str, dict[str, float | int]] = {
     "adafilter": {**_CNN_SMALL_DATA, "learning_rate": 1e-3},
     "finetune": {**_CNN_SMALL_DATA, "learning_rate": 1e-3},
     "linear_probe": {**_CNN_SMALL_DATA, "learning_rate": 3e-3},
+    "l2sp": {**_CNN_SMALL_DATA, "learning_rate": 1e-3},
+    "lora": {**_CNN_SMALL_DATA, "learning_rate": 3e-3},
+    "bitfit": {**_CNN_SMALL_DATA, "learning_rate": 3e-3},
 }
 
 
@@ -59,8 +67,9 @@ def build_classifier(
     name_or_path: str,
     id2label: dict[int, str],
     adafilter_args: AdaFilterArguments | None = None,
+    baseline_args: BaselineArguments | None = None,
     **hub_kwargs,
-) -> PreTrainedModel:
+) -> nn.Module:
     """The model `method` trains, starting from the pretrained backbone (or an AdaFilter checkpoint) at
     `name_or_path`, with a head for `id2label`."""
     if method not in METHODS:
@@ -92,7 +101,28 @@ def build_classifier(
     freeze_identity_squeeze_excite(model)
     if method == "linear_probe":
         freeze_all_but_head(model)
+    elif method == "bitfit":
+        freeze_all_but_biases_norms_head(model)
+    elif method == "lora":
+        args = baseline_args or BaselineArguments()
+        return apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)
     return model
+
+
+def build_weight_penalty(
+    method: str, model: nn.Module, baseline_args: BaselineArguments | None = None
+) -> L2SPPenalty | None:
+    """The penalty the trainer adds to the loss for `method` (L2-SP's), or None."""
+    if method != "l2sp":
+        return None
+    args = baseline_args or BaselineArguments()
+    return L2SPPenalty(model, classifier_head(model), args.l2sp_alpha, args.l2sp_beta)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters, each shared tensor once."""
+    unique = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique)
 
 
 def freeze_identity_squeeze_excite(model: nn.Module) -> None:
@@ -112,11 +142,35 @@ def _is_identity_squeeze_excite(module: nn.Module) -> bool:
     )
 
 
-def freeze_all_but_head(model: PreTrainedModel) -> None:
-    """Linear probe: the head trains; the backbone's weights and BatchNorm statistics stay as pretrained."""
+def classifier_head(model: PreTrainedModel) -> nn.Linear:
+    """The new linear head of a transformers image classifier."""
     head = find_classifier_linear(getattr(model, "classifier", None))
     if head is None:
-        raise ValueError(f"{type(model).__name__} has no linear classification head to probe.")
+        raise ValueError(f"{type(model).__name__} has no linear classification head.")
+    return head
+
+
+def freeze_all_but_biases_norms_head(model: PreTrainedModel) -> None:
+    """BitFit (Ben Zaken et al., 2022; for CNNs with the norms, as TinyTL): every conv and linear weight stays as
+    pretrained; biases, norm affine parameters (their running statistics adapt) and the head train."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.requires_grad_(False)
+    norms = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+    for module in model.modules():
+        for parameter_name, parameter in module.named_parameters(recurse=False):
+            if isinstance(module, norms) or parameter_name == "bias":
+                parameter.requires_grad_(True)
+    classifier_head(model).requires_grad_(True)
+    # What was frozen before (identity squeeze-excite) stays frozen.
+    trainable_ids = {id(p) for p in trainable}
+    for parameter in model.parameters():
+        if id(parameter) not in trainable_ids:
+            parameter.requires_grad_(False)
+
+
+def freeze_all_but_head(model: PreTrainedModel) -> None:
+    """Linear probe: the head trains; the backbone's weights and BatchNorm statistics stay as pretrained."""
+    head = classifier_head(model)
     model.requires_grad_(False)
     head.requires_grad_(True)
     backbone = model.base_model

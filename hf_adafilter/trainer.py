@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -145,8 +146,17 @@ class AdaFilterTrainer(Trainer):
     # The loss is a per-batch mean: let the Trainer divide it by the accumulation steps (DESIGN.md 4).
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args, adafilter_args: AdaFilterArguments | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        adafilter_args: AdaFilterArguments | None = None,
+        weight_penalty: Callable[[], torch.Tensor] | None = None,
+        **kwargs,
+    ) -> None:
+        """`weight_penalty`: a loss term on the weights added every training step (e.g. `l2sp.L2SPPenalty`); its
+        `parameters()` get no weight decay, which it replaces."""
         self.adafilter_args = adafilter_args or AdaFilterArguments()
+        self.weight_penalty = weight_penalty
         super().__init__(*args, **kwargs)
         self._gate_stats = {"train": GateStatistics(), "eval": GateStatistics()}
         if self.adafilter_args.batchnorm_momentum is not None:
@@ -169,25 +179,33 @@ class AdaFilterTrainer(Trainer):
                 loss = loss + args.gate_regularization_weight * penalty
             probs = outputs.get("gate_probs") if model.training else None
             self._gate_stats["train" if model.training else "eval"].update(gates, probs)
+        if self.weight_penalty is not None and model.training:
+            loss = loss + self.weight_penalty()
         return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model=None):
-        """Like the Trainer's, with the gate network in groups of its own learning rate."""
+        """Like the Trainer's, with the gate network in groups of its own learning rate, and no weight decay on
+        what the weight penalty covers."""
         opt_model = self.model if model is None else model
         adafilter = _adafilter(opt_model)
-        if self.optimizer is not None or adafilter is None or self.adafilter_args.gate_learning_rate is None:
+        gate_lr = self.adafilter_args.gate_learning_rate if adafilter is not None else None
+        if self.optimizer is not None or (gate_lr is None and self.weight_penalty is None):
             return super().create_optimizer(model)
-        gate_ids = {id(p) for p in adafilter.gate_parameters()}
+        gate_ids = {id(p) for p in adafilter.gate_parameters()} if gate_lr is not None else set()
+        penalised = (
+            {id(p) for p in self.weight_penalty.parameters()} if self.weight_penalty is not None else set()
+        )
         decay = set(self.get_decay_parameter_names(opt_model))
         groups: dict[tuple[bool, bool], list[nn.Parameter]] = defaultdict(list)
         for name, parameter in opt_model.named_parameters():
             if parameter.requires_grad:
-                groups[(id(parameter) in gate_ids, name in decay)].append(parameter)
+                decays = name in decay and id(parameter) not in penalised
+                groups[(id(parameter) in gate_ids, decays)].append(parameter)
         param_groups = [
             {
                 "params": params,
                 "weight_decay": self.args.weight_decay if decays else 0.0,
-                **({"lr": self.adafilter_args.gate_learning_rate} if is_gate else {}),
+                **({"lr": gate_lr} if is_gate else {}),
             }
             for (is_gate, decays), params in groups.items()
         ]

@@ -19,6 +19,7 @@ from conftest import tiny_backbone_config
 from PIL import Image
 
 from hf_adafilter.data import DataError
+from hf_adafilter.methods import METHODS
 from hf_adafilter.trainer import AdaFilterTrainer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -90,7 +91,7 @@ def run_args(workspace, output_dir: Path, method: str = "adafilter", *extra: str
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("method", ["adafilter", "finetune", "linear_probe"])
+@pytest.mark.parametrize("method", ["adafilter", "finetune", "linear_probe", "l2sp", "bitfit"])
 def test_each_method_trains_evaluates_and_saves_a_loadable_model(workspace, tmp_path, method):
     output_dir = tmp_path / method
     results = run_example.main(run_args(workspace, output_dir, method))
@@ -225,24 +226,22 @@ def test_accelerate_launch_single_process(workspace, tmp_path):
     assert transformers.AutoModelForImageClassification.from_pretrained(output_dir) is not None
 
 
-@pytest.mark.parametrize("method", ["adafilter", "finetune", "linear_probe"])
+@pytest.mark.parametrize("method", METHODS)
 def test_method_defaults_fill_only_what_the_user_did_not_set(tmp_path, method):
     from hf_adafilter.methods import TRAINING_DEFAULTS
 
     base = ["--method", method, "--output_dir", str(tmp_path)]
-    _, _, _, training_args = run_example.parse_args(base)
+    *_, training_args = run_example.parse_args(base)
     for name, value in TRAINING_DEFAULTS[method].items():
         assert getattr(training_args, name) == value, name
-    _, _, _, training_args = run_example.parse_args(
-        [*base, "--learning_rate", "5e-5", "--num_train_epochs=2"]
-    )
+    *_, training_args = run_example.parse_args([*base, "--learning_rate", "5e-5", "--num_train_epochs=2"])
     assert (training_args.learning_rate, training_args.num_train_epochs) == (5e-5, 2)
     assert (
         training_args.per_device_train_batch_size == TRAINING_DEFAULTS[method]["per_device_train_batch_size"]
     )
     config = tmp_path / "args.json"
     config.write_text(json.dumps({"method": method, "output_dir": str(tmp_path), "learning_rate": 0.5}))
-    _, _, _, training_args = run_example.parse_args([str(config)])
+    *_, training_args = run_example.parse_args([str(config)])
     assert training_args.learning_rate == 0.5
     assert training_args.num_train_epochs == TRAINING_DEFAULTS[method]["num_train_epochs"]
 

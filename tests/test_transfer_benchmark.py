@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import datasets
@@ -26,15 +27,6 @@ def load_script(name: str):
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-def load_run_module():
-    path = BENCHMARKS.parent / "examples" / "run.py"
-    spec = importlib.util.spec_from_file_location("adafilter_run_example", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -119,13 +111,13 @@ def test_plan_selects_on_validation_and_touches_test_only_in_final_runs():
     assert digits[digits.index("--horizontal_flip") + 1] == "false"
     assert argv[argv.index("--horizontal_flip") + 1] == "true"
     # examples/run.py reads the ablation flags as meant (HfArgumentParser's bool syntax).
-    run_module = load_run_module()
+    run_module = transfer.load_run_script()
     for method, network, gated_norm in (
         ("adafilter_independent", "independent", True),
         ("adafilter_no_gated_norm", "lstm", False),
     ):
         spec = next(s for s in plan if s.method == method)
-        _, data_args, adafilter_args, _ = run_module.parse_args(
+        _, data_args, adafilter_args, _, _ = run_module.parse_args(
             transfer.run_argv(spec, task, budget, "m", Path("out"))
         )
         assert (adafilter_args.gate_network, adafilter_args.gated_norm) == (network, gated_norm)
@@ -252,6 +244,39 @@ def test_report_states_the_error_difference_and_gate_use(tmp_path):
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_method_sets_and_a_runs_key_ignores_what_else_is_planned():
+    assert transfer.parse_args([]).methods == list(transfer.CORE_METHODS)
+    assert transfer.parse_args(["--extended"]).methods == list(transfer.EXTENDED_METHODS)
+    with pytest.raises(SystemExit):
+        transfer.parse_args(["--extended", "--methods", "finetune"])
+    budget, task = transfer.PRESETS["paper"], paper_task()
+    spec = transfer.RunSpec(task.name, "finetune", 1e-3, 1, "final")
+    key = transfer.fingerprint(spec, task, budget, "m")
+    # --resume reuses a run when the suite around it grows (other methods' grids), not when the run changes.
+    core_only = replace(
+        budget, lr_grids={m: budget.lr_grids[m] for m in ("linear_probe", "finetune", "adafilter")}
+    )
+    assert transfer.fingerprint(spec, task, core_only, "m") == key
+    assert transfer.fingerprint(replace(spec, learning_rate=3e-3), task, budget, "m") != key
+    assert transfer.fingerprint(spec, task, replace(budget, image_size=96), "m") != key
+
+
+def test_costs_count_what_each_method_trains_and_saves(tmp_path):
+    backbone = tmp_path / "backbone"
+    torch.manual_seed(0)
+    transformers.ResNetForImageClassification(tiny_backbone_config("resnet")).save_pretrained(backbone)
+    methods = ["linear_probe", "finetune", "adafilter", "l2sp", "lora", "bitfit"]
+    costs = transfer.method_costs(methods, str(backbone), 3, tmp_path / "work")
+    trainable = {m: costs[m]["trainable_parameters"] for m in methods}
+    assert trainable["finetune"] == trainable["l2sp"] > trainable["bitfit"] > trainable["linear_probe"] > 0
+    assert trainable["adafilter"] > trainable["finetune"]  # the fine-tuned bank plus the gate network
+    saved = {m: costs[m]["saved_bytes"] for m in methods}
+    assert saved["lora"] < saved["finetune"] == saved["bitfit"] < saved["adafilter"]
+    assert costs["adafilter"]["compact_bytes"] < saved["adafilter"]
+    lines = transfer.cost_section(costs, methods, {"model": "m", "cost_num_labels": 3})
+    assert any(line.startswith("| LoRA (PEFT) |") for line in lines)
+
+
 def test_trainer_applies_the_batchnorm_momentum(tmp_path):
     torch.manual_seed(0)
     model = transformers.ResNetForImageClassification(tiny_backbone_config("resnet"))
@@ -281,4 +306,7 @@ def test_quick_suite_writes_a_quick_table_json_and_chart(tmp_path):
     text = prefix.with_suffix(".md").read_text()
     assert "QUICK SMOKE RUN" in text and "standard fine-tuning" in text and "Δ error" in text
     assert json.loads(prefix.with_suffix(".json").read_text())["meta"]["test_evaluations"] == 2
+    costs = payload["costs"]
+    assert costs["adafilter"]["compact_bytes"] < costs["adafilter"]["saved_bytes"]
+    assert "What each method trains and saves" in text
     assert prefix.with_suffix(".png").stat().st_size > 1000
