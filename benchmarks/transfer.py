@@ -785,31 +785,42 @@ def summarize(results: Sequence[dict], tasks: Sequence[str], methods: Sequence[s
                 cell["collapsed_layers_all1"] = statistics.fmean(c[1] for c in collapse)
                 cell["gated_layers"] = collapse[0][2]
             cells[task][method] = cell
-    return {"cells": cells, "differences": error_differences(cells, tasks, methods)}
+    return {
+        "cells": cells,
+        "differences": error_differences(cells, tasks, methods),
+        # AdaFilter against every other method: AdaFilter's error minus the method's.
+        "adafilter_vs": {
+            method: reversed_difference(entry)
+            for method, entry in error_differences(cells, tasks, methods, reference="adafilter").items()
+            if method not in ADAFILTER_METHODS
+        },
+    }
 
 
-def error_differences(cells: dict, tasks: Sequence[str], methods: Sequence[str]) -> dict[str, dict]:
-    """Test error of each method minus that of fine-tuning, in points (negative: fewer errors): per task (mean
+def error_differences(
+    cells: dict, tasks: Sequence[str], methods: Sequence[str], reference: str = "finetune"
+) -> dict[str, dict]:
+    """Test error of each method minus that of `reference` (default: fine-tuning), in points (negative: fewer errors): per task (mean
     over seeds), their mean, and the paired per-seed differences (same seed, averaged over tasks) with a 95% t
     interval of their mean."""
     differences = {}
     for method in methods:
-        if method == "finetune":
+        if method == reference:
             continue
-        both = [t for t in tasks if "finetune" in cells.get(t, {}) and method in cells.get(t, {})]
+        both = [t for t in tasks if reference in cells.get(t, {}) and method in cells.get(t, {})]
         if not both:
             continue
         per_task = {
             task: 100
-            * (cells[task]["finetune"]["test_accuracy_mean"] - cells[task][method]["test_accuracy_mean"])
+            * (cells[task][reference]["test_accuracy_mean"] - cells[task][method]["test_accuracy_mean"])
             for task in both
         }
         seeds = set.intersection(
-            *(set(cells[t][m]["test_accuracy_per_seed"]) for t in both for m in ("finetune", method))
+            *(set(cells[t][m]["test_accuracy_per_seed"]) for t in both for m in (reference, method))
         )
         per_seed = {
             seed: statistics.fmean(
-                100 * (cells[t]["finetune"]["test_accuracy_per_seed"][seed] - cells[t][method]["test_accuracy_per_seed"][seed])
+                100 * (cells[t][reference]["test_accuracy_per_seed"][seed] - cells[t][method]["test_accuracy_per_seed"][seed])
                 for t in both
             )
             for seed in sorted(seeds)
@@ -819,6 +830,19 @@ def error_differences(cells: dict, tasks: Sequence[str], methods: Sequence[str])
             entry["paired_mean"], entry["ci95"] = mean_interval(per_seed.values())
         differences[method] = entry
     return differences
+
+
+def reversed_difference(entry: dict) -> dict:
+    """An `error_differences` entry with the other sign (B - A instead of A - B); the interval's half-width stays."""
+    def flip(value: float) -> float:
+        return 0.0 - value  # not -value: a tie stays 0.0, not -0.0
+
+    return {
+        "per_task": {task: flip(value) for task, value in entry["per_task"].items()},
+        "mean": flip(entry["mean"]),
+        "per_seed": {seed: flip(value) for seed, value in entry["per_seed"].items()},
+        **({"paired_mean": flip(entry["paired_mean"]), "ci95": entry["ci95"]} if "paired_mean" in entry else {}),
+    }
 
 
 def percent(mean: float, std: float | None = None) -> str:
@@ -896,6 +920,7 @@ def write_markdown(
     for method, diff in differences.items():
         lines.append("| " + METHOD_TITLES[method] + " | "
                      + " | ".join(f"{diff['per_task'][t]:+.2f}" if t in diff["per_task"] else "–" for t in names) + " |")  # fmt: skip
+    lines += versus_section(report.get("adafilter_vs", {}), names)
     lines += fit_section(cells, names, methods)
     lines += gate_section(cells, names, methods)
     lines += timing_section(cells, names, methods)
@@ -911,6 +936,22 @@ def interval_text(diff: dict) -> str:
         return "–"
     seeds = ", ".join(f"{v:+.1f}" for v in diff["per_seed"].values())
     return f"{diff['paired_mean']:+.2f} ± {diff['ci95']:.2f} (seeds: {seeds})"
+
+
+def versus_section(versus: dict[str, dict], names: Sequence[str]) -> list[str]:
+    """AdaFilter's error minus each other method's: the comparison a user choosing between them needs."""
+    if not versus:
+        return []
+    lines = ["", "## AdaFilter against each method", "",
+             "Test error of AdaFilter minus that of the method, in points (negative: AdaFilter makes fewer errors).", "",
+             "| AdaFilter vs | mean over tasks | paired per-seed, 95% CI | " + " | ".join(names) + " |",
+             "|---" * (len(names) + 3) + "|"]  # fmt: skip
+    for method, diff in versus.items():
+        per_task = " | ".join(f"{diff['per_task'][t]:+.2f}" if t in diff["per_task"] else "–" for t in names)
+        lines.append(
+            f"| {METHOD_TITLES[method]} | {diff['mean']:+.2f} | {interval_text(diff)} | {per_task} |"
+        )
+    return lines
 
 
 def fit_section(cells: dict, names: Sequence[str], methods: Sequence[str]) -> list[str]:
@@ -1033,8 +1074,8 @@ def selection_section(cells: dict, names: Sequence[str], methods: Sequence[str],
 def setup_section(tasks: Sequence[Task], budget: Budget, meta: dict) -> list[str]:
     lines = ["", "## Setup", "",
              f"- Command: `{meta['command']}`",
-             f"- Date: {meta['date']}; total wall time {minutes(meta['total_wall_s'])} for {meta['runs']} runs "
-             f"({meta['test_evaluations']} of them evaluated the test split, once each).",
+             f"- Date: {meta['date']}; {meta['runs']} runs ({meta['test_evaluations']} of them evaluated the test "
+             f"split, once each). {suite_time_text(meta)}",
              f"- Machine: {meta['machine']}.",
              f"- Backbone: `{meta['model']}`; every run goes through `examples/run.py` in its own process.",
              f"- Budget, identical for every method: {length_text(budget, tasks)} at batch {budget.train_batch_size}, "
@@ -1058,6 +1099,26 @@ def setup_section(tasks: Sequence[Task], budget: Budget, meta: dict) -> list[str
               "here**: this machine has no GPU. The same script produces them where one is available.",
               "- Raw results of every run: the `.json` beside this file; the chart: the `.png`."]  # fmt: skip
     return lines
+
+
+def suite_time_text(meta: dict) -> str:
+    """What the suite costs from scratch (the runs' own times, added up), per method set, and what this invocation
+    ran itself (the rest came from --resume)."""
+    sets = meta.get("run_time_s_by_method_set", {})
+    per_set = "; ".join(f"{name}: {minutes(seconds)}" for name, seconds in sets.items())
+    resumed = meta.get("runs_resumed", 0)
+    this = f"This invocation ran {meta['runs'] - resumed} of them in {minutes(meta['total_wall_s'])}"
+    return f"Time of the runs, added up: {per_set}. {this}{f' and resumed {resumed}' if resumed else ''}."
+
+
+def method_set_times(results: Sequence[dict]) -> dict[str, float]:
+    """Added-up run time of the default method set and of what --extended adds."""
+    core = sum(r["wall_s"] for r in results if r["method"] in CORE_METHODS)
+    extra = sum(r["wall_s"] for r in results if r["method"] not in CORE_METHODS)
+    times = {"default methods": core}
+    if extra:
+        times["--extended adds"] = extra
+    return times
 
 
 def length_text(budget: Budget, tasks: Sequence[Task]) -> str:
@@ -1201,6 +1262,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "total_wall_s": total,
         "runs": len(results),
         "test_evaluations": sum(r["phase"] == "final" for r in results),
+        "runs_resumed": sum(bool(r.get("resumed")) for r in results),
+        "run_time_s_by_method_set": method_set_times(results),
         "cost_num_labels": num_labels,
     }
     prefix.parent.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,7 @@ TRAINING_DEFAULTS: dict[str, dict[str, float | int]] = {
     "linear_probe": {**_CNN_SMALL_DATA, "learning_rate": 3e-3},
     "l2sp": {**_CNN_SMALL_DATA, "learning_rate": 1e-3},
     "lora": {**_CNN_SMALL_DATA, "learning_rate": 3e-3},
-    "bitfit": {**_CNN_SMALL_DATA, "learning_rate": 3e-3},
+    "bitfit": {**_CNN_SMALL_DATA, "learning_rate": 3e-2},
 }
 
 

@@ -235,6 +235,11 @@ def test_report_states_the_error_difference_and_gate_use(tmp_path):
     assert "AdaFilter beats standard fine-tuning" in text and "-3.00" in text and "83.0 ± 1.0" in text
     assert "-3.00 ± 0.00 (seeds: -3.0, -3.0, -3.0)" in text and "| 99.0 |" in text
     assert "| AdaFilter (LSTM gates, gated BN) | a | 83.0 | 81.0 | 50.0 | yes |" in text
+    # AdaFilter against each other method, signed AdaFilter minus the method: 3 points fewer errors than fine-tuning.
+    versus = report["adafilter_vs"]
+    assert set(versus) == {"linear_probe", "finetune"}
+    assert versus["finetune"]["mean"] == pytest.approx(-3.0) and versus["finetune"]["ci95"] == pytest.approx(0.0)
+    assert "| standard fine-tuning | -3.00 | -3.00 ± 0.00" in text
     assert transfer.regime(tasks, budget) == {
         "images_per_class": {"a": 150, "b": 150}, "train_images": {"a": 300, "b": 300}, "epochs": 30,
         "steps": {"a": 300, "b": 300},
