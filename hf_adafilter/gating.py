@@ -1,6 +1,6 @@
 """The gate controller: one recurrent network shared by all gated layers of a model.
 
-Travels to the Hub as remote code: relative imports only, nothing beyond torch/transformers.
+Travels to the Hub as remote code: relative imports only, nothing beyond torch.
 """
 
 from __future__ import annotations

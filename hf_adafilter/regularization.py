@@ -20,6 +20,11 @@ def finetuned_fraction(gates: Sequence[torch.Tensor]) -> torch.Tensor:
     return total / count
 
 
+def finetuned_fraction_per_example(gates: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`finetuned_fraction` of each example of the batch: a (batch,) tensor."""
+    return sum(g.flatten(1).sum(1) for g in gates) / sum(g[0].numel() for g in gates)
+
+
 def gate_regularization(gates: Sequence[torch.Tensor], kind: str, target_ratio: float = 0.5) -> torch.Tensor:
     """`l1`: the fine-tuned fraction itself (fine-tune as little as possible); `budget`: its squared distance from
     `target_ratio`; `none`: zero."""

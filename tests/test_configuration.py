@@ -45,8 +45,8 @@ def test_json_round_trip_is_exact_for_every_family(family, tmp_path):
     ("overrides", "message"),
     [
         ({"gate_network": "rnn"}, r"gate_network must be one of 'lstm', 'gru', 'independent', got 'rnn'"),
-        ({"gate_hidden_size": 0}, r"gate_hidden_size must be a positive integer, got 0"),
-        ({"gate_input_size": 2.5}, r"gate_input_size must be a positive integer, got 2.5"),
+        ({"gate_hidden_size": 0}, r"gate_hidden_size must be an integer in \[1, 4096\], got 0"),
+        ({"gate_input_size": 2.5}, r"gate_input_size must be an integer in \[1, 4096\], got 2.5"),
         ({"gumbel_temperature": 0}, r"gumbel_temperature must be > 0, got 0.0"),
         ({"gumbel_temperature": "hot"}, r"gumbel_temperature must be a number, got 'hot'"),
         ({"classifier_dropout": 1.5}, r"classifier_dropout must be in \[0, 1\), got 1.5"),
@@ -59,6 +59,15 @@ def test_json_round_trip_is_exact_for_every_family(family, tmp_path):
         ),
         ({"backbone_config": {"depths": [1]}}, r"backbone_config needs a `model_type` key"),
         ({"backbone": "microsoft/resnet-50"}, r"does not take `backbone=`.*from_backbone"),
+        ({"gate_hidden_size": 20000}, r"gate_hidden_size must be an integer in \[1, 4096\], got 20000"),
+        ({"gate_input_size": 10**9}, r"gate_input_size must be an integer in \[1, 4096\]"),
+        (
+            {"backbone_config": {"model_type": "no_such_model"}},
+            r"'no_such_model'.*Supported backbone families",
+        ),
+        ({"gate_hiden_size": 8}, r"unknown key\(s\) 'gate_hiden_size': did you mean `gate_hidden_size`\?"),
+        ({"revision": "v1"}, r"'revision'.*download setting: pass it to `from_pretrained` / `from_backbone`"),
+        ({"frobnicate": 1}, r"unknown key\(s\) 'frobnicate'"),
     ],
 )
 def test_invalid_values_name_the_field(overrides, message):

