@@ -305,17 +305,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "a task of your own (examples/run.py data flags; it needs a test split)"
     )
     custom.add_argument("--task_name", default=None)
-    for flag in (
-        "dataset_name",
-        "dataset_config_name",
-        "train_dir",
-        "validation_dir",
-        "test_dir",
-        "image_column_name",
-        "label_column_name",
-        "max_train_samples",
-        "max_eval_samples",
-    ):
+    for flag in CUSTOM_FLAGS:
         custom.add_argument(f"--{flag}", default=None)
     args = parser.parse_args(argv)
     args.preset = args.preset or ("quick" if args.quick else "full" if args.full else DEFAULT_PRESET)
@@ -343,8 +333,8 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
     return budget
 
 
-CUSTOM_FLAGS = ("dataset_name", "dataset_config_name", "train_dir", "validation_dir", "test_dir",
-                "image_column_name", "label_column_name", "max_train_samples", "max_eval_samples")  # fmt: skip
+CUSTOM_FLAGS = ("dataset_name", "dataset_config_name", "train_dir", "validation_dir", "test_dir", "image_column_name",
+                "label_column_name", "max_train_samples", "max_eval_samples", "max_predict_samples")  # fmt: skip
 
 
 def custom_task(args: argparse.Namespace) -> Task | None:

@@ -24,6 +24,7 @@ columns (they are not arguments of the model's `forward`) before `with_transform
 from __future__ import annotations
 
 import copy
+import io
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -136,6 +137,7 @@ def load_image_classification_data(
     seed: int = 42,
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
+    max_predict_samples: int | None = None,
     cache_dir: str | None = None,
     token: str | bool | None = None,
 ) -> ImageClassificationData:
@@ -146,7 +148,8 @@ def load_image_classification_data(
     implicit default: the caller chooses one (see `load_default_dataset`). Hub splits named
     validation/val/valid/dev become the validation split and "test" the test split. Without a
     validation split, a stratified, seeded `train_val_split` fraction of train becomes one
-    (`None` or 0 keeps all of train). `max_*_samples` keep a seeded random subset.
+    (`None` or 0 keeps all of train). `max_{train,eval,predict}_samples` keep a seeded random subset of
+    train, validation and test.
     """
     splits, from_folders = _load_splits(
         dataset_name, dataset_config_name, train_dir, validation_dir, test_dir, cache_dir, token
@@ -164,7 +167,8 @@ def load_image_classification_data(
             splits["train"], label_column, train_val_split, seed
         )
     limits = {"train": ("--max_train_samples", max_train_samples)}
-    limits |= {name: ("--max_eval_samples", max_eval_samples) for name in ("validation", "test")}
+    limits |= {"validation": ("--max_eval_samples", max_eval_samples)}
+    limits |= {"test": ("--max_predict_samples", max_predict_samples)}
     undecoded = datasets.Image(decode=False)
     for name, (flag, limit) in limits.items():
         if splits.get(name) is not None:
@@ -258,12 +262,34 @@ def _load_image_folders(dirs: dict[str, str | Path], cache_dir: str | None) -> d
                 f"{flag} {directory}: no image files found (expected <dir>/<class>/<image> with one of "
                 f"{', '.join(sorted(extensions)[:8])}, ...)"
             )
+        _warn_about_folder_layout(path, flag, extensions)
         data_files[split] = str(path.resolve() / "**")
     # drop_labels=False: infer labels from folder names even when the split folders sit at different depths.
     loaded = datasets.load_dataset(
         "imagefolder", data_files=data_files, drop_labels=False, cache_dir=cache_dir
     )
     return {split: loaded[split] for split in dirs}
+
+
+def _warn_about_folder_layout(path: Path, flag: str, extensions: set[str]) -> None:
+    """Class folders without images make no class, and images one level too deep are labelled by their own folder's
+    name: both are easy to do by accident, so say so."""
+    loose = sorted(f.name for f in path.iterdir() if f.is_file() and f.suffix.lower() in extensions)
+    if loose:
+        logger.warning(
+            f"{flag} {path}: images directly in it ({loose[:3]}) become a class named {path.name!r}: move them into "
+            "their class folder"
+        )
+    for folder in sorted(p for p in path.iterdir() if p.is_dir()):
+        images = [f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in extensions]
+        if not images:
+            logger.warning(f"{flag} {path}: class folder {folder.name!r} has no images, so it is no class")
+        nested = sorted({f.parent.relative_to(path).as_posix() for f in images if f.parent != folder})
+        if nested:
+            logger.warning(
+                f"{flag} {path}: images in nested folders {nested[:3]} are labelled by their own folder name, "
+                f"not {folder.name!r}: move them up to <dir>/<class>/<image>"
+            )
 
 
 def _columns_error(splits: dict[str, datasets.Dataset], what: str, flag: str, detail: str) -> DataError:
@@ -356,9 +382,34 @@ def _unify_labels(
     values = {split: _label_values(dataset, column) for split, dataset in splits.items()}
     for split, array in values.items():
         _check_label_range(array, column, split, None)
-    num_labels = max((int(a.max()) + 1 for a in values.values() if a.size), default=0)
+    num_labels = _integer_classes(values, column)
     class_label = datasets.ClassLabel(names=[str(i) for i in range(num_labels)])
     return {split: ds.cast_column(column, class_label) for split, ds in splits.items()}, class_label.names
+
+
+def _integer_classes(values: dict[str, np.ndarray], column: str) -> int:
+    """The number of classes of integer labels: the training split's ids, which must be 0..K-1 with none missing
+    (the head gets one output per id), and which every other split must stay within."""
+    reference = "train" if "train" in values else next(iter(values), None)
+    if reference is None:
+        return 0
+    seen = {int(v) for v in np.unique(values[reference])}
+    num_labels = max(seen, default=-1) + 1
+    missing = sorted(set(range(num_labels)) - seen)
+    if missing:
+        raise DataError(
+            f"integer labels of column {column!r} in the {reference} split are not 0..{num_labels - 1}: "
+            f"{len(missing)} ids never occur ({missing[:5]}{'...' if len(missing) > 5 else ''}), which would make a "
+            f"{num_labels}-class head. Remap them to consecutive ids, or give the column a ClassLabel feature"
+        )
+    for split, array in values.items():
+        unknown = sorted({int(v) for v in np.unique(array)} - seen)
+        if unknown:
+            raise DataError(
+                f"label column {column!r} of the {split} split holds ids {unknown[:5]} that the {reference} split "
+                f"does not have (it has 0..{num_labels - 1}): drop those rows, or fix the labels"
+            )
+    return num_labels
 
 
 def _class_label_names(
@@ -469,6 +520,31 @@ def decode_image(value: Any, column: str = "image") -> PIL.Image.Image:
             f"cannot read the image {_describe_source(value)} in column {column!r} ({type(err).__name__}: {err}): "
             "replace or delete that file"
         ) from err
+
+
+def check_images(data: ImageClassificationData, splits: Sequence[str]) -> None:
+    """Opens every image of `splits` once (header and integrity check, no full decode) and names every unreadable
+    one, so a bad file stops the run before training, not halfway through it."""
+    unreadable = []
+    for split in splits:
+        dataset = getattr(data, split)
+        if dataset is None:
+            continue
+        for batch in dataset.select_columns([data.image_column]).iter(batch_size=256):
+            for value in batch[data.image_column]:
+                if value is None or isinstance(value, PIL.Image.Image):
+                    continue  # no file to check; decoding it will name the problem
+                try:
+                    source = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"]
+                    with PIL.Image.open(source) as image:
+                        image.verify()
+                except _DECODE_ERRORS + (PIL.UnidentifiedImageError,) as err:
+                    unreadable.append(f"{_describe_source(value)} ({type(err).__name__})")
+    if unreadable:
+        shown = "; ".join(unreadable[:10]) + (
+            f"; and {len(unreadable) - 10} more" if len(unreadable) > 10 else ""
+        )
+        raise DataError(f"{len(unreadable)} image(s) cannot be read: {shown}. Replace or delete them")
 
 
 def _describe_source(value: Mapping[str, Any]) -> str:

@@ -20,7 +20,7 @@ from .arguments import AdaFilterArguments, BaselineArguments
 from .backbones import find_classifier_linear, get_family
 from .l2sp import L2SPPenalty
 from .lora import apply_lora
-from .modeling_adafilter import BACKBONE_RESOLVERS, AdaFilterForImageClassification
+from .modeling_adafilter import AdaFilterForImageClassification, resolve_backbone_location
 
 METHODS = ("adafilter", "finetune", "linear_probe", "l2sp", "lora", "bitfit")
 
@@ -53,13 +53,8 @@ def apply_training_defaults(training_args, method: str, given: set[str]) -> dict
     return applied
 
 
-def resolve_location(name_or_path: str) -> str:
-    """A packaged alias becomes its converted local folder; Hub ids and paths pass through."""
-    return next((found for resolve in BACKBONE_RESOLVERS if (found := resolve(name_or_path))), name_or_path)
-
-
 def load_image_processor(name_or_path: str, **hub_kwargs):
-    return AutoImageProcessor.from_pretrained(resolve_location(name_or_path), **hub_kwargs)
+    return AutoImageProcessor.from_pretrained(resolve_backbone_location(name_or_path), **hub_kwargs)
 
 
 def build_classifier(
@@ -68,13 +63,16 @@ def build_classifier(
     id2label: dict[int, str],
     adafilter_args: AdaFilterArguments | None = None,
     baseline_args: BaselineArguments | None = None,
+    ignore_mismatched_sizes: bool = True,
     **hub_kwargs,
 ) -> nn.Module:
     """The model `method` trains, starting from the pretrained backbone (or an AdaFilter checkpoint) at
-    `name_or_path`, with a head for `id2label`."""
+    `name_or_path`, with a head for `id2label`: a new one where the checkpoint's labels differ, unless
+    `ignore_mismatched_sizes=False` (then that is an error). `hub_kwargs` (revision, cache_dir, token,
+    trust_remote_code) reach every download."""
     if method not in METHODS:
         raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {method!r}.")
-    location = resolve_location(name_or_path)
+    location = resolve_backbone_location(name_or_path)
     config = AutoConfig.from_pretrained(location, **hub_kwargs)
     label2id = {label: index for index, label in id2label.items()}
     if config.model_type == "adafilter":
@@ -83,19 +81,30 @@ def build_classifier(
                 f"{name_or_path!r} is an AdaFilter checkpoint; it trains only with --method adafilter."
             )
         model = AdaFilterForImageClassification.from_pretrained(location, **hub_kwargs)
-        if model.config.id2label != id2label:
+        if model.config.id2label == id2label:
+            return model
+        if not ignore_mismatched_sizes:
             raise ValueError(
                 f"{name_or_path!r} was trained on labels {list(model.config.id2label.values())[:5]}..., the data has "
-                f"{list(id2label.values())[:5]}...; start from its backbone to train a new head."
+                f"{list(id2label.values())[:5]}...; pass --ignore_mismatched_sizes to train a new head on it."
             )
-        return model
+        return AdaFilterForImageClassification.from_pretrained(
+            location, id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True, **hub_kwargs
+        )
     get_family(config.model_type)  # a clear error for unsupported backbones, for every method alike
     if method == "adafilter":
         overrides = (adafilter_args or AdaFilterArguments()).model_overrides()
-        model = AdaFilterForImageClassification.from_backbone(name_or_path, id2label=id2label, **overrides)
+        downloads = {key: hub_kwargs.get(key) for key in ("revision", "cache_dir", "token")}
+        model = AdaFilterForImageClassification.from_backbone(
+            name_or_path, id2label=id2label, **downloads, **overrides
+        )
         return model.train()
     model = AutoModelForImageClassification.from_pretrained(
-        location, id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True, **hub_kwargs
+        location,
+        id2label=id2label,
+        label2id=label2id,
+        ignore_mismatched_sizes=ignore_mismatched_sizes,
+        **hub_kwargs,
     )
     get_family(model.config.model_type).prepare(model)
     freeze_identity_squeeze_excite(model)

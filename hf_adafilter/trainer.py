@@ -143,7 +143,7 @@ class AdaFilterTrainer(Trainer):
     and the fine-tuned fraction (overall, per stage) in the logs; the pre-trained bank is re-frozen after any load.
     """
 
-    # The loss is a per-batch mean: let the Trainer divide it by the accumulation steps (DESIGN.md 4).
+    # The loss is a per-batch mean: the Trainer must divide it by the accumulation steps itself.
     loss_is_scaled_for_ga = False
 
     def __init__(

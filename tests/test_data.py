@@ -20,6 +20,7 @@ from hf_adafilter.data import (
     Augmentation,
     DataError,
     build_transforms,
+    check_images,
     collate_fn,
     decode_image,
     load_default_dataset,
@@ -160,6 +161,10 @@ def test_no_split_and_max_samples(train_dir, cache):
     assert load(cache, train_dir=train_dir, max_eval_samples=2).validation.num_rows == 2
     with pytest.raises(DataError, match="no validation split"):
         data.require("validation")
+    # --max_eval_samples is validation's; the test split has its own --max_predict_samples, as in HF's scripts.
+    split = load(cache, train_dir=train_dir, test_dir=train_dir, max_eval_samples=2)
+    assert (split.validation.num_rows, split.test.num_rows) == (2, 30)
+    assert load(cache, train_dir=train_dir, test_dir=train_dir, max_predict_samples=3).test.num_rows == 3
 
 
 def test_named_dataset_autodetects_columns_and_splits(tmp_path, cache):
@@ -178,16 +183,67 @@ def test_named_dataset_autodetects_columns_and_splits(tmp_path, cache):
     assert [len(s) for s in (data.train, data.validation, data.test)] == [4, 4, 4]
 
 
-def test_integer_labels_without_class_label_become_one(tmp_path, cache):
-    rows = {"picture": [png_bytes(i) for i in range(6)], "target": [0, 2, 0, 2, 0, 2]}
-    root = write_parquet_dataset(
-        tmp_path / "ints",
-        {"train": rows, "test": rows},
+def integer_label_dataset(root: Path, train: list[int], test: list[int]) -> Path:
+    return write_parquet_dataset(
+        root,
+        {
+            "train": {"picture": [png_bytes(i) for i in range(len(train))], "target": train},
+            "test": {"picture": [png_bytes(i) for i in range(len(test))], "target": test},
+        },
         {"picture": IMAGE_FEATURE, "target": {"dtype": "int32", "_type": "Value"}},
     )
+
+
+def test_integer_labels_without_class_label_become_one(tmp_path, cache):
+    root = integer_label_dataset(tmp_path / "ints", [0, 2, 1, 2, 0, 1], [0, 2, 1, 2, 0, 1])
     data = load(cache, dataset_name=str(root), image_column_name="picture", train_val_split=0.5)
     assert data.labels == ["0", "1", "2"]
     assert data.train.features["target"] == datasets.ClassLabel(names=["0", "1", "2"])
+
+
+@pytest.mark.parametrize(
+    ("train", "test", "message"),
+    [
+        (
+            [0, 1000, 0, 1000],
+            [0, 1000],
+            r"train split are not 0..1000: 999 ids never occur \(\[1, 2, 3, 4, 5\]",
+        ),
+        (
+            [0, 1, 0, 1],
+            [0, 99],
+            r"test split holds ids \[99\] that the train split does not have \(it has 0..1\)",
+        ),
+    ],
+)
+def test_integer_labels_with_holes_or_beyond_train_are_refused(tmp_path, cache, train, test, message):
+    root = integer_label_dataset(tmp_path / "ints", train, test)
+    with pytest.raises(DataError, match=message):
+        load(cache, dataset_name=str(root), image_column_name="picture", train_val_split=None)
+
+
+def test_every_unreadable_image_is_named_before_training(tmp_path, cache):
+    train = write_folder(tmp_path / "train")
+    (train / "bird" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    (train / "cat" / "empty.jpg").write_bytes(b"")
+    data = load(cache, train_dir=train, train_val_split=None)
+    with pytest.raises(
+        DataError, match=r"2 image\(s\) cannot be read: .*(broken.png.*empty.jpg|empty.jpg.*broken.png)"
+    ):
+        check_images(data, ["train"])
+    check_images(data, ["validation", "test"])  # absent splits: nothing to check
+
+
+def test_class_folders_without_images_and_nested_folders_are_warned_about(tmp_path, cache, caplog):
+    train = write_folder(tmp_path / "train")
+    (train / "empty").mkdir()
+    nested = train / "bird" / "more"
+    nested.mkdir()
+    make_image("RGB", 20, 20, seed=7).save(nested / "x.png")
+    with caplog.at_level("WARNING", logger="hf_adafilter.data"):
+        load(cache, train_dir=train, train_val_split=None)
+    assert "class folder 'empty' has no images" in caplog.text
+    assert "nested folders ['bird/more']" in caplog.text
 
 
 def test_withheld_test_labels_drop_only_the_test_split(tmp_path, cache):

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,7 @@ def test_each_method_trains_evaluates_and_saves_a_loadable_model(workspace, tmp_
         "train_results.json",
         "config.json",
         "model.safetensors",
+        "README.md",  # the model card, written locally as HF's scripts do (no --push_to_hub)
     ):
         assert (output_dir / name).is_file(), name
     saved = json.loads((output_dir / "config.json").read_text())
@@ -134,14 +136,7 @@ def test_resume_continues_from_the_saved_step(workspace, tmp_path, monkeypatch):
     interrupted = tmp_path / "interrupted"
     interrupted.mkdir()
     shutil.copytree(straight / "checkpoint-2", interrupted / "checkpoint-2")
-    steps_run = []
-    original_step = AdaFilterTrainer.training_step
-
-    def counting_step(self, *step_args, **step_kwargs):
-        steps_run.append(self.state.global_step + 1)
-        return original_step(self, *step_args, **step_kwargs)
-
-    monkeypatch.setattr(AdaFilterTrainer, "training_step", counting_step)
+    steps_run = count_training_steps(monkeypatch)
     checkpoint = str(interrupted / "checkpoint-2")
     run_example.main(
         run_args(workspace, interrupted, "adafilter", *args, "--resume_from_checkpoint", checkpoint)
@@ -158,6 +153,88 @@ def test_resume_continues_from_the_saved_step(workspace, tmp_path, monkeypatch):
     assert all(torch.equal(t, backbone[k]) for k, t in model.adafilter.pretrained_state_dict().items())
 
 
+def count_training_steps(monkeypatch) -> list[int]:
+    steps_run = []
+    original_step = AdaFilterTrainer.training_step
+
+    def counting_step(self, *step_args, **step_kwargs):
+        steps_run.append(self.state.global_step + 1)
+        return original_step(self, *step_args, **step_kwargs)
+
+    monkeypatch.setattr(AdaFilterTrainer, "training_step", counting_step)
+    return steps_run
+
+
+@pytest.fixture(scope="module")
+def four_steps(workspace, tmp_path_factory) -> tuple[Path, tuple[str, ...]]:
+    """A finished 4-step finetune run with checkpoints at steps 2 and 4, and the flags that made it."""
+    args = ("--save_strategy", "steps", "--save_steps", "2", "--max_steps", "4")
+    output_dir = tmp_path_factory.mktemp("four") / "out"
+    run_example.main(run_args(workspace, output_dir, "finetune", *args))
+    return output_dir, args
+
+
+def test_a_killed_save_never_blocks_the_next_run(workspace, four_steps, tmp_path, monkeypatch, caplog):
+    finished, args = four_steps
+    rerun = tmp_path / "rerun"
+    for name in ("checkpoint-2", "checkpoint-4"):
+        shutil.copytree(finished / name, rerun / name)
+    weights = rerun / "checkpoint-4" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # killed mid-save
+    steps_run = count_training_steps(monkeypatch)
+    with caplog.at_level("WARNING"):
+        run_example.main(run_args(workspace, rerun, "finetune", *args))
+    assert steps_run == [3, 4], "resumed from the newest complete checkpoint"
+    assert "checkpoint-4 is incomplete (model.safetensors: truncated" in caplog.text
+    only_broken = tmp_path / "only_broken"
+    shutil.copytree(rerun / "checkpoint-2", only_broken / "checkpoint-2")
+    (only_broken / "checkpoint-2" / "trainer_state.json").write_text('{"global_st')
+    with pytest.raises(DataError, match=r"holds only incomplete checkpoints \(checkpoint-2\): delete them"):
+        run_example.main(run_args(workspace, only_broken, "finetune", *args))
+
+
+def test_rerunning_a_finished_command_trains_nothing_and_keeps_the_model(workspace, four_steps, tmp_path):
+    finished, args = four_steps
+    before = (finished / "model.safetensors").read_bytes()
+    with pytest.raises(DataError, match=r"holds a finished training run.*--overwrite_output_dir"):
+        run_example.main(run_args(workspace, finished, "finetune", *args))
+    assert (finished / "model.safetensors").read_bytes() == before
+    at_the_end = tmp_path / "at_the_end"
+    shutil.copytree(finished / "checkpoint-4", at_the_end / "checkpoint-4")
+    with pytest.raises(DataError, match=r"already at step 4, which --max_steps 4 does not exceed"):
+        run_example.main(run_args(workspace, at_the_end, "finetune", *args))
+
+
+def test_an_output_dir_of_another_dataset_is_not_resumed(workspace, four_steps, tmp_path):
+    finished, args = four_steps
+    other = tmp_path / "other"
+    shutil.copytree(finished / "checkpoint-2", other / "checkpoint-2")
+    relabelled = tmp_path / "relabelled"
+    for split in ("train", "val"):
+        for old, new in zip(CLASSES, ("crimson", "navy"), strict=True):
+            shutil.copytree(workspace[split] / old, relabelled / split / new)
+    run = run_args(workspace, other, "finetune", *args)
+    run[run.index("--train_dir") + 1] = str(relabelled / "train")
+    run[run.index("--validation_dir") + 1] = str(relabelled / "val")
+    with pytest.raises(DataError, match=r"checkpoint-2 was trained on labels .*belongs to another dataset"):
+        run_example.main(run)
+
+
+def test_an_output_dir_that_cannot_be_written_fails_before_training(workspace, tmp_path, monkeypatch):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    with pytest.raises(DataError, match=r"--output_dir .*a_file is a file, not a folder"):
+        run_example.main(run_args(workspace, a_file))
+    assert a_file.read_text() == "keep me"
+    steps_run = count_training_steps(monkeypatch)
+    monkeypatch.setattr(
+        run_example.os, "access", lambda path, mode: False
+    )  # a read-only place, even for root
+    with pytest.raises(DataError, match=r"is not writable: choose another --output_dir"):
+        run_example.main(run_args(workspace, tmp_path / "new" / "out"))
+    assert steps_run == []
+
+
 def test_saved_outputs_are_never_silently_overwritten(workspace, tmp_path):
     output_dir = tmp_path / "kept"
     output_dir.mkdir()
@@ -165,6 +242,40 @@ def test_saved_outputs_are_never_silently_overwritten(workspace, tmp_path):
     with pytest.raises(DataError, match=r"already holds \['config.json'\].*--overwrite_output_dir"):
         run_example.main(run_args(workspace, output_dir))
     assert (output_dir / "config.json").read_text() == "{}"
+
+
+def test_do_predict_without_a_test_split_stops_before_training(workspace, tmp_path):
+    output_dir = tmp_path / "predict"
+    with pytest.raises(DataError, match=r"--do_predict needs a test split: pass --test_dir"):
+        run_example.main(run_args(workspace, output_dir, "finetune", "--do_predict"))
+    assert not output_dir.exists()
+
+
+def test_a_checkpoint_with_other_labels_gets_a_new_head_unless_refused(workspace, tmp_path):
+    first = tmp_path / "first"
+    run_example.main(run_args(workspace, first, "adafilter", "--max_steps", "1"))
+    relabelled = tmp_path / "relabelled"
+    for split in ("train", "val"):
+        for old, new in zip(CLASSES, ("crimson", "navy"), strict=True):
+            shutil.copytree(workspace[split] / old, relabelled / split / new)
+    args = run_args(workspace, tmp_path / "second", "adafilter", "--max_steps", "1")
+    args[args.index("--model_name_or_path") + 1] = str(first)
+    args[args.index("--train_dir") + 1] = str(relabelled / "train")
+    args[args.index("--validation_dir") + 1] = str(relabelled / "val")
+    with pytest.raises(ValueError, match=r"pass --ignore_mismatched_sizes to train a new head"):
+        run_example.main([*args, "--ignore_mismatched_sizes", "false"])
+    run_example.main(args)
+    config = json.loads((tmp_path / "second" / "config.json").read_text())
+    assert sorted(config["id2label"].values()) == ["crimson", "navy"]
+
+
+def test_remote_code_and_mismatched_sizes_flags_are_hf_style(tmp_path):
+    model_args, *_ = run_example.parse_args(["--output_dir", str(tmp_path), "--trust_remote_code"])
+    assert model_args.trust_remote_code and model_args.ignore_mismatched_sizes
+    model_args, *_ = run_example.parse_args(
+        ["--output_dir", str(tmp_path), "--ignore_mismatched_sizes", "false"]
+    )
+    assert not model_args.trust_remote_code and not model_args.ignore_mismatched_sizes
 
 
 def test_bad_column_and_unsupported_backbone_are_clear_errors(workspace, tmp_path):
@@ -226,6 +337,61 @@ def test_accelerate_launch_single_process(workspace, tmp_path):
     assert transformers.AutoModelForImageClassification.from_pretrained(output_dir) is not None
 
 
+class FakeLauncher:
+    """Stands for the `accelerate launch` process: its command line and environment."""
+
+    def __init__(self, *flags: str, **environ: str) -> None:
+        self.command = [sys.executable, "/usr/bin/accelerate", "launch", *flags, "examples/run.py"]
+        self.variables = environ
+
+    def cmdline(self) -> list[str]:
+        return self.command
+
+    def environ(self) -> dict[str, str]:
+        return self.variables
+
+
+def test_accelerate_launch_on_cpu_gets_the_cores_unless_the_user_chose(monkeypatch):
+    choose = run_example.accelerate_default_cpu_threads
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what accelerate exports when nobody chose
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert choose(FakeLauncher()) == cores
+    assert choose(FakeLauncher("--num_cpu_threads_per_process", "1")) is None
+    assert choose(FakeLauncher("--num_cpu_threads_per_process=1")) is None
+    assert choose(FakeLauncher(OMP_NUM_THREADS="1")) is None  # set in the launching shell
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert choose(FakeLauncher()) == max(1, cores // 2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert choose(FakeLauncher()) is None
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")  # not under accelerate launch
+    assert choose(FakeLauncher()) is None
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores to tell 1 thread from all")
+def test_accelerate_launch_command_of_the_readme_uses_every_core(workspace, tmp_path):
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    command = [
+        *launcher,
+        str(RUN_SCRIPT),
+        *run_args(workspace, tmp_path / "out", "finetune", "--max_steps", "1"),
+    ]
+    result = subprocess.run(command, cwd=REPO, env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"CPU threads: {len(os.sched_getaffinity(0))}" in result.stderr
+
+
+def test_console_script_is_the_example_script():
+    script = Path(sysconfig.get_path("scripts")) / "hf-adafilter-train"  # where pip installs console scripts
+    completed = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True)
+    assert "Training defaults per --method" in " ".join(completed.stdout.split())
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_method_defaults_fill_only_what_the_user_did_not_set(tmp_path, method):
     from hf_adafilter.methods import TRAINING_DEFAULTS
@@ -252,3 +418,23 @@ def test_help_states_the_method_defaults():
     )
     text = " ".join(completed.stdout.split())
     assert "Training defaults per --method" in text and "adafilter: --num_train_epochs 30" in text
+    assert "Fine-tune a pretrained CNN" in text  # a description, as HF's scripts have
+    for option in completed.stdout.split("\n  --"):
+        assert option.count("(default") <= 1, option
+
+
+def test_download_flags_reach_the_adafilter_backbone(workspace, tmp_path, monkeypatch):
+    from hf_adafilter import AdaFilterForImageClassification
+
+    calls = []
+    real = AdaFilterForImageClassification.from_backbone.__func__
+
+    def spy(cls, *args, **kwargs):
+        calls.append(kwargs)
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AdaFilterForImageClassification, "from_backbone", classmethod(spy))
+    cache = str(tmp_path / "cache")
+    run_example.main(run_args(workspace, tmp_path / "out", "adafilter", "--max_steps", "1", "--cache_dir", cache,
+                              "--model_revision", "main", "--token", "hf_test"))  # fmt: skip
+    assert (calls[0]["revision"], calls[0]["cache_dir"], calls[0]["token"]) == ("main", cache, "hf_test")

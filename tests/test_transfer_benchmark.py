@@ -238,7 +238,8 @@ def test_report_states_the_error_difference_and_gate_use(tmp_path):
     # AdaFilter against each other method, signed AdaFilter minus the method: 3 points fewer errors than fine-tuning.
     versus = report["adafilter_vs"]
     assert set(versus) == {"linear_probe", "finetune"}
-    assert versus["finetune"]["mean"] == pytest.approx(-3.0) and versus["finetune"]["ci95"] == pytest.approx(0.0)
+    assert versus["finetune"]["mean"] == pytest.approx(-3.0)
+    assert versus["finetune"]["ci95"] == pytest.approx(0.0)
     assert "| standard fine-tuning | -3.00 | -3.00 ± 0.00" in text
     assert transfer.regime(tasks, budget) == {
         "images_per_class": {"a": 150, "b": 150}, "train_images": {"a": 300, "b": 300}, "epochs": 30,

@@ -1,0 +1,525 @@
+"""Fine-tune an image classifier with AdaFilter (or a baseline) through the transformers Trainer: the code of
+`examples/run.py` and of the `hf-adafilter-train` console script.
+
+    accelerate launch examples/run.py --model_name_or_path efficientnet-lite0 \\
+        --train_dir data/train --validation_dir data/val --method adafilter \\
+        --output_dir out --do_train --do_eval --num_train_epochs 3
+    hf-adafilter-train --model_name_or_path ...    # the same, where the package is installed
+
+With no arguments it runs the embedded default: the packaged ImageNet EfficientNet-Lite0 fine-tuned with
+AdaFilter on the Fashion-MNIST subset shipped in examples/data (a few minutes on 2 CPU cores).
+The result loads with `AutoModelForImageClassification.from_pretrained(output_dir)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import torch
+import transformers
+from transformers import HfArgumentParser, TrainingArguments, set_seed
+
+from .arguments import AdaFilterArguments, BaselineArguments
+from .data import (
+    Augmentation,
+    DataError,
+    build_transforms,
+    check_images,
+    collate_fn,
+    load_default_dataset,
+    load_image_classification_data,
+    resize_image_processor,
+)
+from .methods import (
+    METHODS,
+    TRAINING_DEFAULTS,
+    apply_training_defaults,
+    build_classifier,
+    build_weight_penalty,
+    count_parameters,
+    load_image_processor,
+)
+from .metrics import build_compute_metrics
+from .plots import plot_gate_fractions
+from .resume import checkpoint_step, find_resumable_checkpoint
+
+logger = logging.getLogger(__name__)
+
+# The embedded default job: what `python examples/run.py` runs with no arguments.
+DEFAULT_ARGS = [
+    "--output_dir", "outputs/fashion-mnist-adafilter",
+    "--overwrite_output_dir",
+    "--do_train", "--do_eval",
+    "--num_train_epochs", "3",
+    "--image_size", "128",
+    "--per_device_train_batch_size", "32",
+    "--per_device_eval_batch_size", "64",
+    "--learning_rate", "1e-3",
+    "--weight_decay", "0.01",
+    "--warmup_steps", "10",
+    "--eval_strategy", "epoch",
+    "--save_strategy", "epoch",
+    "--save_total_limit", "1",
+    "--logging_steps", "10",
+    "--report_to", "none",
+    "--seed", "42",
+]  # fmt: skip
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="efficientnet-lite0",
+        metadata={
+            "help": "Pretrained backbone: a Hub id, a local path, a packaged alias (efficientnet-lite0), or an "
+            "AdaFilter checkpoint to keep training."
+        },
+    )
+    method: str = field(
+        default="adafilter",
+        metadata={
+            "help": "adafilter, or a baseline through the same pipeline: finetune, linear_probe, l2sp (fine-tuning "
+            "pulled towards the pretrained weights), lora (PEFT LoRA on the layers AdaFilter gates; needs peft), "
+            "bitfit (biases, norms and head only).",
+            "choices": list(METHODS),
+        },
+    )
+    image_processor_name: str | None = field(
+        default=None, metadata={"help": "Image processor to use (default: the backbone's)."}
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Where Hub downloads are cached."})
+    model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the backbone."})
+    token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace a model already saved in --output_dir."}
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow the backbone's own modelling code from the Hub to run (read it first)."},
+    )
+    ignore_mismatched_sizes: bool = field(
+        default=True,
+        metadata={
+            "help": "Give the model a new head when the data's labels differ from the checkpoint's (a new task "
+            "always needs one, hence on by default; false: refuse instead)."
+        },
+    )
+
+
+@dataclass
+class DataTrainingArguments:
+    dataset_name: str | None = field(default=None, metadata={"help": "A Hub image-classification dataset."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration name."})
+    train_dir: str | None = field(default=None, metadata={"help": "Image folder (one sub-folder per class)."})
+    validation_dir: str | None = field(default=None, metadata={"help": "Image folder for evaluation."})
+    test_dir: str | None = field(
+        default=None, metadata={"help": "Image folder for the final test (--do_predict)."}
+    )
+    image_column_name: str | None = field(
+        default=None, metadata={"help": "Image column (default: detected)."}
+    )
+    label_column_name: str | None = field(
+        default=None, metadata={"help": "Label column (default: detected)."}
+    )
+    train_val_split: float = field(
+        default=0.15,
+        metadata={"help": "Share of train carved out (stratified) when there is no validation split."},
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate train (debugging)."})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Truncate validation (debugging); the test split is left whole."}
+    )
+    max_predict_samples: int | None = field(default=None, metadata={"help": "Truncate test (debugging)."})
+    image_size: int | None = field(
+        default=None, metadata={"help": "Training/eval crop size (default: the image processor's)."}
+    )
+    min_crop_scale: float = field(
+        default=Augmentation.min_crop_scale,
+        metadata={"help": "Smallest share of the image area a training crop keeps (random resized crop)."},
+    )
+    horizontal_flip: bool = field(
+        default=Augmentation.horizontal_flip,
+        metadata={
+            "help": "Random horizontal flips in training (turn off for digits, text, left/right classes)."
+        },
+    )
+    evaluate_train_split: bool = field(
+        default=False,
+        metadata={
+            "help": "With --do_eval, also evaluate the training images (evaluation transform): train_eval_accuracy "
+            "next to eval_accuracy shows under- or overfitting."
+        },
+    )
+
+
+DESCRIPTION = (
+    "Fine-tune a pretrained CNN on an image-classification dataset with AdaFilter (per-example fine-tuned filters) or "
+    "a baseline (--method), through the transformers Trainer. Without arguments: the embedded default job."
+)
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" only where the help does not already say what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if "default" in (action.help or "").lower():
+            return action.help
+        return super()._get_help_string(action)
+
+
+def training_defaults_help() -> str:
+    per_method = "; ".join(
+        f"{method}: " + ", ".join(f"--{name} {value:g}" for name, value in defaults.items())
+        for method, defaults in TRAINING_DEFAULTS.items()
+    )
+    return (
+        "Training defaults per --method, for small labelled datasets, used where the flag is not given (they replace "
+        f"transformers' lr 5e-5 / 3 epochs / batch 8, made for transformers, not CNNs): {per_method}."
+    )
+
+
+def parse_args(argv: list[str] | None = None):
+    parser = HfArgumentParser(
+        (ModelArguments, DataTrainingArguments, AdaFilterArguments, BaselineArguments, TrainingArguments),
+        description=DESCRIPTION,
+        epilog=training_defaults_help(),
+        formatter_class=DefaultsHelpFormatter,
+    )
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        print("No arguments: running the embedded default job:\n  examples/run.py " + " ".join(DEFAULT_ARGS))
+        argv = DEFAULT_ARGS
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        parsed = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+        given = set(json.loads(Path(argv[0]).read_text()))
+    else:
+        parsed = parser.parse_args_into_dataclasses(args=argv)
+        given = {arg[2:].split("=")[0] for arg in argv if arg.startswith("--")}
+    model_args, *_, training_args = parsed
+    applied = apply_training_defaults(training_args, model_args.method, given)
+    if applied:
+        logger.info(f"{model_args.method} defaults for flags not given: {applied}")
+    return parsed
+
+
+def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed: int):
+    options = dict(
+        train_val_split=data_args.train_val_split,
+        seed=seed,
+        max_train_samples=data_args.max_train_samples,
+        max_eval_samples=data_args.max_eval_samples,
+        max_predict_samples=data_args.max_predict_samples,
+    )
+    if data_args.dataset_name is None and data_args.train_dir is None and data_args.validation_dir is None:
+        logger.info("No dataset given: using the embedded Fashion-MNIST subset.")
+        return load_default_dataset(**options)
+    return load_image_classification_data(
+        dataset_name=data_args.dataset_name,
+        dataset_config_name=data_args.dataset_config_name,
+        train_dir=data_args.train_dir,
+        validation_dir=data_args.validation_dir,
+        test_dir=data_args.test_dir,
+        image_column_name=data_args.image_column_name,
+        label_column_name=data_args.label_column_name,
+        cache_dir=model_args.cache_dir,
+        token=model_args.token,
+        **options,
+    )
+
+
+def check_output_dir(output_dir: str) -> None:
+    """A file or an unwritable place fails now, not at the first save, after training."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise DataError(f"--output_dir {output_dir} is a file, not a folder: choose another --output_dir.")
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(
+            f"--output_dir {output_dir}: {existing} is not writable: choose another --output_dir."
+        )
+
+
+def detect_checkpoint(training_args: TrainingArguments, model_args: ModelArguments) -> str | None:
+    """Resume from the newest complete checkpoint in output_dir (as HF examples do, skipping any a killed save left
+    incomplete); refuse to train a finished run again or to overwrite a saved model."""
+    output_dir = Path(training_args.output_dir)
+    if not training_args.do_train or not output_dir.is_dir() or model_args.overwrite_output_dir:
+        return None
+    if training_args.resume_from_checkpoint is not None:
+        return None  # the user's choice
+    fresh_start = "pass --overwrite_output_dir to train from scratch, or choose another --output_dir"
+    if (output_dir / "train_results.json").is_file():
+        raise DataError(
+            f"--output_dir {output_dir} holds a finished training run (train_results.json): rerunning would train "
+            f"it again and overwrite its model. {fresh_start[0].upper()}{fresh_start[1:]} (or continue it with "
+            "--resume_from_checkpoint <its checkpoint> and a larger --max_steps)."
+        )
+    checkpoint, broken = find_resumable_checkpoint(output_dir)
+    for folder, problem in broken.items():
+        logger.warning(
+            f"{folder} is incomplete ({problem}), probably from a killed save: it is skipped; delete it."
+        )
+    if checkpoint is not None:
+        step = checkpoint_step(checkpoint)
+        if 0 < training_args.max_steps <= step:
+            raise DataError(
+                f"{checkpoint} is already at step {step}, which --max_steps {training_args.max_steps} does not "
+                f"exceed: nothing to train. Raise --max_steps to continue, or {fresh_start}."
+            )
+        logger.info(f"Checkpoint detected, resuming training at {checkpoint}.")
+        return str(checkpoint)
+    if broken:
+        raise DataError(
+            f"--output_dir {output_dir} holds only incomplete checkpoints ({', '.join(p.name for p in broken)}): "
+            f"delete them, or {fresh_start}."
+        )
+    saved = [p.name for p in output_dir.iterdir()]
+    if saved:
+        raise DataError(f"--output_dir {output_dir} already holds {sorted(saved)[:4]}; {fresh_start}.")
+    return None
+
+
+def check_checkpoint_labels(checkpoint: str | None, id2label: dict[int, str]) -> None:
+    """Resuming an output_dir trained on other labels would mix two tasks in one model: refuse."""
+    config = Path(checkpoint or "") / "config.json"
+    if checkpoint is None or not config.is_file():
+        return
+    saved = {int(k): v for k, v in json.loads(config.read_text()).get("id2label", {}).items()}
+    if saved and saved != id2label:
+        raise DataError(
+            f"{checkpoint} was trained on labels {list(saved.values())[:5]}..., the data has "
+            f"{list(id2label.values())[:5]}...: this --output_dir belongs to another dataset; choose another "
+            "--output_dir (or pass --overwrite_output_dir to replace it)."
+        )
+
+
+def accelerate_default_cpu_threads(launcher: psutil.Process | None = None) -> int | None:
+    """The torch threads to use instead of the one `accelerate launch` leaves on CPU, or None to keep it.
+
+    Without `--num_cpu_threads_per_process` and without OMP_NUM_THREADS in the launching shell, accelerate exports
+    OMP_NUM_THREADS=1 (its CPU heuristic applies only with --cpu), so a CPU job uses one core. Then: the cores this
+    process may use, divided by the local processes. None when not launched so, on a GPU, or when the user chose a
+    thread count (the flag or the variable)."""
+    if os.environ.get("OMP_NUM_THREADS") != "1" or "ACCELERATE_MIXED_PRECISION" not in os.environ:
+        return None
+    if torch.cuda.is_available():
+        return None
+    launcher = launcher or _accelerate_launcher()
+    try:
+        if launcher is None or "OMP_NUM_THREADS" in launcher.environ():
+            return None
+        if any(arg.startswith("--num_cpu_threads_per_process") for arg in launcher.cmdline()):
+            return None
+    except psutil.Error:  # another user's process, or gone: leave the setting alone
+        return None
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, len(os.sched_getaffinity(0)) // local_processes)
+
+
+def _accelerate_launcher() -> psutil.Process | None:
+    """The `accelerate launch` process above this one (directly, or above torchrun's agent)."""
+    try:
+        for process in psutil.Process().parents():
+            command = process.cmdline()
+            head = command[:4]  # `accelerate launch ...` or `python -m accelerate.commands.launch ...`
+            if any(part.endswith("accelerate.commands.launch") for part in head) or (
+                "launch" in head and any(part.endswith("accelerate") for part in head)
+            ):
+                return process
+    except psutil.Error:
+        return None
+    return None
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    model_args, data_args, adafilter_args, baseline_args, training_args = parse_args(argv)
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        level=logging.INFO if training_args.should_log else logging.WARNING,
+    )
+    threads = accelerate_default_cpu_threads()
+    if threads is not None and threads > 1:
+        torch.set_num_threads(threads)
+        logger.info(
+            f"CPU threads: {threads} (accelerate launch set 1; pass --num_cpu_threads_per_process to choose)"
+        )
+    transformers.utils.logging.set_verbosity(logging.WARNING)
+    # with_transform builds pixel_values on the fly: the Trainer must not drop the raw columns it reads them from.
+    training_args.remove_unused_columns = False
+    check_output_dir(training_args.output_dir)
+    last_checkpoint = detect_checkpoint(training_args, model_args)
+    set_seed(training_args.seed)
+
+    data = load_data(data_args, model_args, training_args.seed)
+    if training_args.do_predict and data.test is None:
+        raise DataError(
+            "--do_predict needs a test split: pass --test_dir, or a dataset with a 'test' split (or drop --do_predict)."
+        )
+    check_checkpoint_labels(training_args.resume_from_checkpoint or last_checkpoint, data.id2label)
+    used = {
+        "train": training_args.do_train,
+        "validation": training_args.do_eval,
+        "test": training_args.do_predict,
+    }
+    check_images(data, [split for split, needed in used.items() if needed])
+    hub_kwargs = {
+        "cache_dir": model_args.cache_dir,
+        "revision": model_args.model_revision,
+        "token": model_args.token,
+        "trust_remote_code": model_args.trust_remote_code,
+    }
+    processor = load_image_processor(
+        model_args.image_processor_name or model_args.model_name_or_path, **hub_kwargs
+    )
+    if data_args.image_size is not None:
+        # The saved processor then preprocesses exactly as the evaluation did.
+        processor = resize_image_processor(processor, data_args.image_size)
+    model = build_classifier(
+        model_args.method,
+        model_args.model_name_or_path,
+        data.id2label,
+        adafilter_args,
+        baseline_args,
+        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+        **hub_kwargs,
+    )
+    trainable, total = count_parameters(model)
+    logger.info(
+        f"{model_args.method}: {trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})"
+    )
+    augmentation = Augmentation(data_args.min_crop_scale, data_args.horizontal_flip)
+    train_transform, eval_transform = build_transforms(
+        processor, image_column=data.image_column, label_column=data.label_column, augmentation=augmentation
+    )
+    train_dataset = data.require("train").with_transform(train_transform) if training_args.do_train else None
+    eval_dataset = data.validation.with_transform(eval_transform) if data.validation is not None else None
+
+    from .trainer import AdaFilterTrainer
+
+    trainer = AdaFilterTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collate_fn,
+        compute_metrics=build_compute_metrics(),
+        processing_class=processor,
+        adafilter_args=adafilter_args,
+        weight_penalty=build_weight_penalty(model_args.method, model, baseline_args),
+    )
+    results: dict[str, float] = {}
+    if training_args.do_train:
+        checkpoint = training_args.resume_from_checkpoint or last_checkpoint
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model()
+        trainer.log_metrics("train", train_result.metrics)
+        trainer.save_metrics("train", train_result.metrics)
+        trainer.save_state()
+        results.update(train_result.metrics)
+    if training_args.do_eval:
+        if eval_dataset is None:
+            raise DataError("--do_eval needs validation data: pass --validation_dir or a dataset with one.")
+        metrics = trainer.evaluate()
+        if adafilter_args.evaluate_forced_gates:
+            metrics |= trainer.evaluate_forced_gates(eval_dataset, metric_key_prefix="eval")
+        if data_args.evaluate_train_split:
+            train_images = data.require("train").with_transform(eval_transform)
+            metrics |= trainer.predict(train_images, metric_key_prefix="train_eval").metrics
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+        results.update(metrics)
+        save_gate_analysis(trainer, training_args.output_dir)
+    if training_args.do_predict:
+        test_dataset = data.test.with_transform(eval_transform)
+        metrics = trainer.predict(test_dataset, metric_key_prefix="test").metrics
+        if adafilter_args.evaluate_forced_gates:
+            metrics |= trainer.evaluate_forced_gates(test_dataset, metric_key_prefix="test")
+        trainer.log_metrics("test", metrics)
+        trainer.save_metrics("test", metrics)
+        results.update(metrics)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(**model_card_kwargs(model_args, data_args))
+    elif training_args.do_train and trainer.is_world_process_zero():
+        trainer.create_model_card(**model_card_kwargs(model_args, data_args))  # README.md, as HF's scripts do
+    if trainer.is_world_process_zero() and "eval_accuracy" in results:
+        print(
+            f"\n{model_args.method} on {data_args.dataset_name or data_args.train_dir or 'fashion-mnist-small'}: "
+            f"eval accuracy {results['eval_accuracy']:.4f} (chance {1 / len(data.labels):.4f})"
+        )
+    shut_down_distributed(trainer)
+    return results
+
+
+def save_gate_analysis(trainer, output_dir: str) -> None:
+    """The paper's per-layer analysis: the share of fine-tuned filters per gated layer on the validation set."""
+    fractions = trainer.last_eval_gate_fractions
+    if not fractions or not trainer.is_world_process_zero():
+        return
+    stages = getattr(trainer.model, "gated_layer_stages", None)
+    (Path(output_dir) / "gate_fractions.json").write_text(json.dumps(fractions, indent=2) + "\n")
+    plot_gate_fractions(fractions, Path(output_dir) / "finetuned_fraction_per_layer.png", stages=stages)
+
+
+def model_card_kwargs(model_args: ModelArguments, data_args: DataTrainingArguments) -> dict:
+    """What the model card needs beyond the Trainer's own state: the data and the training crop."""
+    kwargs = {
+        "finetuned_from": model_args.model_name_or_path,
+        "tasks": "image-classification",
+        "tags": ["image-classification", model_args.method],
+        "image_size": data_args.image_size,
+    }
+    if data_args.dataset_name:
+        kwargs["dataset_tags"] = kwargs["dataset"] = data_args.dataset_name
+    elif data_args.train_dir:
+        train_dir = Path(data_args.train_dir).resolve()
+        folder = train_dir.parent if train_dir.name in ("train", "training") else train_dir
+        kwargs["dataset"] = folder.name
+    else:
+        kwargs["dataset"] = "fashion-mnist-small"
+    return kwargs
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of the parameters. BatchNorm running statistics are left out: under DDP each rank updates its own
+    from its own batches between buffer broadcasts, and rank 0's are the ones saved."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.named_parameters()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def shut_down_distributed(trainer) -> None:
+    """Two-process CPU DDP (gloo) can hang or crash a rank at exit unless both ranks leave together."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    # Every rank states what it ended with, so a diverged replica is visible in the logs.
+    print(
+        f"rank {torch.distributed.get_rank()}/{torch.distributed.get_world_size()} "
+        f"final weights sha256 {weights_digest(trainer.model)}",
+        flush=True,
+    )
+    torch.distributed.barrier()
+    trainer.model = trainer.model_wrapped = None
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def run() -> None:
+    """The command-line entry: a data or argument problem ends with its message, not a traceback."""
+    try:
+        main()
+    except DataError as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    run()
