@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -45,7 +44,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = Path(__file__).resolve().parent
-RUN_SCRIPT = ROOT / "examples" / "run.py"
 RESULTS_DIR = BENCHMARKS / "results"
 if str(BENCHMARKS) not in sys.path:
     sys.path.insert(0, str(BENCHMARKS))
@@ -478,24 +476,16 @@ def execute(spec: RunSpec, task: Task, budget: Budget, args: argparse.Namespace,
     return result
 
 
-def load_run_script():
-    """examples/run.py as a module."""
-    spec = importlib.util.spec_from_file_location("adafilter_run_example", RUN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 def worker(result_path: str, threads: int, argv: list[str]) -> None:
-    """Inside the run's process: examples/run.py's main(argv), timed, with its peak memory."""
+    """Inside the run's process: examples/run.py's main(argv) (`hf_adafilter.cli.main`), timed, with its peak memory."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    module = load_run_script()
+    from hf_adafilter import cli
+
     start_cpu, start = time.process_time(), time.perf_counter()
-    metrics = module.main(argv)
+    metrics = cli.main(argv)
     output_dir = Path(argv[argv.index("--output_dir") + 1])
     gate_file = output_dir / "gate_fractions.json"
     state_file = output_dir / "trainer_state.json"
@@ -517,13 +507,13 @@ def worker(result_path: str, threads: int, argv: list[str]) -> None:
 def method_costs(methods: Sequence[str], model: str, num_labels: int, work_dir: Path) -> dict[str, dict]:
     """What each method trains and what it saves: its model built and saved as examples/run.py builds and saves it
     (before training: sizes do not depend on it), with a `num_labels`-class head. AdaFilter also compact."""
+    from hf_adafilter.cli import parse_args
     from hf_adafilter.methods import build_classifier, count_parameters
 
-    run_script = load_run_script()
     id2label = {index: str(index) for index in range(num_labels)}
     costs = {}
     for method in methods:
-        model_args, _, adafilter_args, baseline_args, _ = run_script.parse_args(
+        model_args, _, adafilter_args, baseline_args, _ = parse_args(
             [*METHODS[method], "--model_name_or_path", model, "--output_dir", str(work_dir)]
         )
         classifier = build_classifier(method=model_args.method, name_or_path=model, id2label=id2label,
@@ -824,6 +814,7 @@ def error_differences(
 
 def reversed_difference(entry: dict) -> dict:
     """An `error_differences` entry with the other sign (B - A instead of A - B); the interval's half-width stays."""
+
     def flip(value: float) -> float:
         return 0.0 - value  # not -value: a tie stays 0.0, not -0.0
 
@@ -831,7 +822,11 @@ def reversed_difference(entry: dict) -> dict:
         "per_task": {task: flip(value) for task, value in entry["per_task"].items()},
         "mean": flip(entry["mean"]),
         "per_seed": {seed: flip(value) for seed, value in entry["per_seed"].items()},
-        **({"paired_mean": flip(entry["paired_mean"]), "ci95": entry["ci95"]} if "paired_mean" in entry else {}),
+        **(
+            {"paired_mean": flip(entry["paired_mean"]), "ci95": entry["ci95"]}
+            if "paired_mean" in entry
+            else {}
+        ),
     }
 
 

@@ -111,7 +111,8 @@ def test_plan_selects_on_validation_and_touches_test_only_in_final_runs():
     assert digits[digits.index("--horizontal_flip") + 1] == "false"
     assert argv[argv.index("--horizontal_flip") + 1] == "true"
     # examples/run.py reads the ablation flags as meant (HfArgumentParser's bool syntax).
-    run_module = transfer.load_run_script()
+    from hf_adafilter import cli as run_module
+
     for method, network, gated_norm in (
         ("adafilter_independent", "independent", True),
         ("adafilter_no_gated_norm", "lstm", False),
