@@ -508,6 +508,7 @@ def method_costs(methods: Sequence[str], model: str, num_labels: int, work_dir: 
     """What each method trains and what it saves: its model built and saved as examples/run.py builds and saves it
     (before training: sizes do not depend on it), with a `num_labels`-class head. AdaFilter also compact."""
     from hf_adafilter.cli import parse_args
+    from hf_adafilter.hub import weight_bytes
     from hf_adafilter.methods import build_classifier, count_parameters
 
     id2label = {index: str(index) for index in range(num_labels)}
@@ -529,11 +530,6 @@ def method_costs(methods: Sequence[str], model: str, num_labels: int, work_dir: 
             costs[method]["compact_bytes"] = weight_bytes(folder / "compact")
         shutil.rmtree(folder)
     return costs
-
-
-def weight_bytes(folder: Path) -> int:
-    """Size of the weight files (safetensors) directly in `folder`."""
-    return sum(path.stat().st_size for path in folder.glob("*.safetensors"))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from .configuration_adafilter import GATE_NETWORKS, AdaFilterConfig
 from .l2sp import L2SP_ALPHA, L2SP_BETA
@@ -15,18 +15,22 @@ class AdaFilterArguments:
     """How the gated model is built and how its gates are trained."""
 
     gate_network: str = field(
-        default="lstm",
+        default=AdaFilterConfig.gate_network,
         metadata={
             "help": "Gate network: lstm (the paper's), gru, or independent (no-RNN ablation).",
             "choices": list(GATE_NETWORKS),
         },
     )
     gate_input_size: int = field(
-        default=64, metadata={"help": "Projection size of each layer's pooled input."}
+        default=AdaFilterConfig.gate_input_size,
+        metadata={"help": "Projection size of each layer's pooled input."},
     )
-    gate_hidden_size: int = field(default=64, metadata={"help": "Hidden size of the shared recurrent cell."})
+    gate_hidden_size: int = field(
+        default=AdaFilterConfig.gate_hidden_size,
+        metadata={"help": "Hidden size of the shared recurrent cell."},
+    )
     gated_norm: bool = field(
-        default=True,
+        default=AdaFilterConfig.gated_norm,
         metadata={"help": "Separate BatchNorms for the two banks (False: the no-gated-BN ablation)."},
     )
     target_modules: str | None = field(
@@ -117,17 +121,9 @@ class AdaFilterArguments:
             raise ValueError(f"--batchnorm_momentum must be in (0, 1], got {self.batchnorm_momentum}.")
 
     def model_overrides(self) -> dict:
-        """The fields that go into `AdaFilterConfig`."""
-        keys = (
-            "gate_network",
-            "gate_input_size",
-            "gate_hidden_size",
-            "gated_norm",
-            "target_modules",
-            "exclude_modules",
-            "gate_init_log_odds",
-        )
-        overrides = {key: value for key, value in asdict(self).items() if key in keys}
+        """The fields that go into `AdaFilterConfig`: those of the same name, and the starting temperature."""
+        config_fields = {f.name for f in fields(AdaFilterConfig)}
+        overrides = {key: value for key, value in asdict(self).items() if key in config_fields}
         overrides["gumbel_temperature"] = self.gumbel_temperature_start
         return overrides
 

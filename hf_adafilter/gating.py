@@ -60,7 +60,6 @@ class GateController(nn.Module):
         noise_scale: float = 1.0,
     ) -> None:
         super().__init__()
-        self.network = network
         self.out_channels = tuple(out_channels)
         self.input_projections = nn.ModuleList(nn.Linear(channels, input_size) for channels in in_channels)
         if network == "lstm":

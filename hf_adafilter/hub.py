@@ -1,4 +1,4 @@
-"""Sharing AdaFilter models on the Hub: the model card, and checkpoint sizes (full vs compact).
+"""Sharing AdaFilter models on the Hub: the model card, and the size of saved weights.
 
 Package only (not remote code). The card is what a Hub visitor reads before deciding to use the model, so it says
 what AdaFilter is, how to load the repo with transformers alone, how well it did, how it was trained, which filters it
@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,6 @@ from .pretrained import is_packaged_backbone
 __all__ = [
     "GATE_FRACTIONS_FILE",
     "PLOT_FILE",
-    "checkpoint_sizes",
     "hub_model_id",
     "push_model_card",
     "render_model_card",
@@ -352,13 +350,3 @@ def last_eval_metrics(log_history: Sequence[Mapping[str, Any]], prefix: str = "e
 def weight_bytes(folder: str | os.PathLike) -> int:
     """Bytes of the safetensors weights in a saved folder (config and code files excluded)."""
     return sum(path.stat().st_size for path in Path(folder).glob("*.safetensors"))
-
-
-def checkpoint_sizes(model: Any, base_model: str | None = None) -> dict[str, float]:
-    """Saves `model` in both formats into a temporary folder: {"full_bytes", "compact_bytes", "ratio"}."""
-    with tempfile.TemporaryDirectory() as folder:
-        full, compact = Path(folder) / "full", Path(folder) / "compact"
-        model.save_pretrained(full)
-        model.save_pretrained(compact, compact=True, base_model=base_model)
-        full_bytes, compact_bytes = weight_bytes(full), weight_bytes(compact)
-    return {"full_bytes": full_bytes, "compact_bytes": compact_bytes, "ratio": compact_bytes / full_bytes}
