@@ -28,16 +28,8 @@ import transformers
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from .arguments import AdaFilterArguments, BaselineArguments
-from .data import (
-    Augmentation,
-    DataError,
-    build_transforms,
-    check_images,
-    collate_fn,
-    load_default_dataset,
-    load_image_classification_data,
-    resize_image_processor,
-)
+from .data import DataError, load_default_dataset, load_image_classification_data
+from .images import check_images
 from .methods import (
     METHODS,
     TRAINING_DEFAULTS,
@@ -50,6 +42,7 @@ from .methods import (
 from .metrics import build_compute_metrics
 from .plots import plot_gate_fractions
 from .resume import checkpoint_step, find_resumable_checkpoint
+from .transforms import Augmentation, build_transforms, collate_fn, resize_image_processor
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,350 @@
+"""Image transforms without torchvision: the backbone image processor's geometry and normalisation reproduced with
+PIL and numpy, random resized crops and flips drawn from torch's RNG (so `transformers.set_seed` makes training
+reproducible and DataLoader workers get distinct streams), and the collate function.
+
+Typical use::
+
+    train_tf, eval_tf = build_transforms(image_processor, image_column=data.image_column,
+                                         label_column=data.label_column)
+    train_ds = data.train.with_transform(train_tf)
+    # Trainer(..., args=TrainingArguments(..., remove_unused_columns=False), data_collator=collate_fn)
+
+The Trainer must be given `remove_unused_columns=False`: otherwise it drops the image and label columns (they are
+not arguments of the model's `forward`) before `with_transform` sees them.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+
+from .data import DataError
+from .images import decode_image, to_rgb
+
+RANDOM_RESIZED_CROP_SCALE = (0.08, 1.0)
+RANDOM_RESIZED_CROP_RATIO = (3 / 4, 4 / 3)
+# ConvNeXt's processor crops (by crop_pct) only below this size and warps at or above it.
+CONVNEXT_WARP_SIZE = 384
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Geometry and normalisation resolved once from an image processor.
+
+    Evaluation resizes to `resize` (an int: shortest edge, aspect kept; a pair: exact height,
+    width), then center-crops to `crop_size` if `center_crop`. Training takes a random resized
+    crop straight to `crop_size`. Pixels (0..255) become `pixel * scale + shift` per channel, one
+    affine map folding the processor's rescale, offset and normalisation.
+    """
+
+    crop_size: tuple[int, int]
+    resize: int | tuple[int, int]
+    center_crop: bool
+    resample: int
+    scale: tuple[float, float, float]
+    shift: tuple[float, float, float]
+
+
+def resolve_preprocessing(image_processor: Any, image_size: int | None = None) -> Preprocessing:
+    """Read a transformers image processor's settings (no torchvision needed).
+
+    At the processor's native size the evaluation geometry is exactly the processor's own
+    (including ConvNeXt's crop_pct rule and PoolFormer's resize). `image_size` replaces the crop
+    size and keeps the processor's crop fraction: resize the shortest edge to
+    round(image_size / crop_pct), then center-crop.
+    """
+    if image_size is None:
+        resize, crop, _ = _native_geometry(image_processor)
+    else:
+        if image_size <= 0:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        try:
+            crop_fraction = _native_geometry(image_processor)[2]
+        except ValueError:  # a size we cannot reproduce does not matter once image_size replaces it
+            crop_fraction = getattr(image_processor, "crop_pct", None) or 1.0
+        resize, crop = round(image_size / crop_fraction), (image_size, image_size)
+    center_crop = crop is not None
+    if crop is None:  # a warp to (height, width) is already the output size
+        crop = resize
+    scale, shift = _normalisation(image_processor)
+    return Preprocessing(
+        crop_size=(int(crop[0]), int(crop[1])),
+        resize=resize,
+        center_crop=center_crop,
+        resample=_pil_resample(getattr(image_processor, "resample", None)),
+        scale=scale,
+        shift=shift,
+    )
+
+
+def _size_field(size: Any, key: str) -> int | None:
+    if size is None:
+        return None
+    value = size.get(key) if hasattr(size, "get") else getattr(size, key, None)
+    return int(value) if value else None
+
+
+def _native_geometry(processor: Any) -> tuple[int | tuple[int, int], tuple[int, int] | None, float]:
+    """Return (eval resize, eval crop or None, crop fraction used when image_size overrides)."""
+    size, crop_size = getattr(processor, "size", None), getattr(processor, "crop_size", None)
+    shortest = _size_field(size, "shortest_edge")
+    height, width = _size_field(size, "height"), _size_field(size, "width")
+    crop_pct = getattr(processor, "crop_pct", None)
+    if crop_pct and shortest and crop_size is None:  # ConvNeXt
+        if shortest < CONVNEXT_WARP_SIZE:
+            return int(shortest / crop_pct), (shortest, shortest), crop_pct
+        return (shortest, shortest), None, crop_pct
+    if shortest:
+        resize: int | tuple[int, int] = int(shortest / crop_pct) if crop_pct else shortest
+    elif height and width:
+        if crop_pct:  # PoolFormer scales the target size by 1 / crop_pct
+            resize = (
+                int(height / crop_pct) if height == width else (int(height / crop_pct), int(width / crop_pct))
+            )
+        else:
+            resize = (height, width)
+    else:
+        raise ValueError(
+            f"image processor size {size!r} is not supported (need shortest_edge or height and width): "
+            "pass image_size"
+        )
+    crop_h, crop_w = _size_field(crop_size, "height"), _size_field(crop_size, "width")
+    do_crop = getattr(processor, "do_center_crop", None)
+    do_crop = bool(crop_h and crop_w) if do_crop is None else bool(do_crop and crop_h and crop_w)
+    resized_short = resize if isinstance(resize, int) else min(resize)
+    if do_crop:
+        return resize, (crop_h, crop_w), crop_h / resized_short
+    if isinstance(resize, int):  # aspect-kept resize without crop: crop square so batches stack
+        return resize, (resize, resize), 1.0
+    return resize, None, 1.0
+
+
+def _per_channel(value: Any, default: float) -> np.ndarray:
+    array = np.asarray(default if value is None else value, dtype=np.float64).reshape(-1)
+    return np.broadcast_to(array, (3,)) if array.size == 1 else array[:3]
+
+
+def _normalisation(processor: Any) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Fold rescale, EfficientNet's offset and include_top, and mean/std into one affine map."""
+    factor = (
+        float(getattr(processor, "rescale_factor", 1 / 255))
+        if getattr(processor, "do_rescale", True)
+        else 1.0
+    )
+    offset = 1.0 if getattr(processor, "rescale_offset", False) else 0.0
+    if getattr(processor, "do_normalize", True):
+        mean = _per_channel(getattr(processor, "image_mean", None), 0.0)
+        std = _per_channel(getattr(processor, "image_std", None), 1.0)
+    else:
+        mean, std = np.zeros(3), np.ones(3)
+    if getattr(processor, "include_top", False):  # EfficientNet divides by std a second time
+        std = std * _per_channel(getattr(processor, "image_std", None), 1.0)
+    scale, shift = factor / std, -(offset + mean) / std
+    return tuple(float(s) for s in scale), tuple(float(s) for s in shift)
+
+
+def _pil_resample(resample: Any) -> int:
+    if resample is None:
+        return int(PIL.Image.Resampling.BILINEAR)
+    try:
+        return int(resample)
+    except (TypeError, ValueError):  # e.g. a torchvision InterpolationMode
+        name = str(getattr(resample, "name", resample)).upper()
+        return int(getattr(PIL.Image.Resampling, name, PIL.Image.Resampling.BILINEAR))
+
+
+def _shortest_edge_size(width: int, height: int, shortest: int) -> tuple[int, int]:
+    """(width, height) with the short side at `shortest`, truncating like transformers does."""
+    if width <= height:
+        return shortest, int(shortest * height / width)
+    return int(shortest * width / height), shortest
+
+
+def _center_crop(image: PIL.Image.Image, size: tuple[int, int]) -> PIL.Image.Image:
+    """transformers' offsets ((in - out) // 2); PIL pads with black if the image is smaller."""
+    crop_h, crop_w = size
+    top, left = (image.height - crop_h) // 2, (image.width - crop_w) // 2
+    if (top, left) == (0, 0) and image.size == (crop_w, crop_h):
+        return image
+    return image.crop((left, top, left + crop_w, top + crop_h))
+
+
+def eval_geometry(image: PIL.Image.Image, spec: Preprocessing) -> PIL.Image.Image:
+    """Deterministic resize + center crop."""
+    if isinstance(spec.resize, int):
+        target = _shortest_edge_size(image.width, image.height, spec.resize)
+    else:
+        target = (spec.resize[1], spec.resize[0])
+    if image.size != target:
+        image = image.resize(target, resample=spec.resample)
+    return _center_crop(image, spec.crop_size) if spec.center_crop else image
+
+
+def random_resized_crop_box(
+    width: int,
+    height: int,
+    scale: tuple[float, float] = RANDOM_RESIZED_CROP_SCALE,
+    ratio: tuple[float, float] = RANDOM_RESIZED_CROP_RATIO,
+) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params on torch's RNG; returns (left, top, width, height)."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1]).item())
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, size=(1,)).item())
+            left = int(torch.randint(0, width - w + 1, size=(1,)).item())
+            return left, top, w, h
+    in_ratio = width / height  # fallback: the central crop with the aspect ratio clamped
+    if in_ratio < min(ratio):
+        w, h = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        w, h = round(height * max(ratio)), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Training augmentation: a random resized crop of at least `min_crop_scale` of the image area, and a random
+    horizontal flip if `horizontal_flip` (wrong for digits and text). Defaults: torchvision's / HF examples'."""
+
+    min_crop_scale: float = RANDOM_RESIZED_CROP_SCALE[0]
+    horizontal_flip: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.min_crop_scale <= 1.0:
+            raise ValueError(f"min_crop_scale must be in (0, 1], got {self.min_crop_scale!r}.")
+
+
+def train_geometry(
+    image: PIL.Image.Image, spec: Preprocessing, augmentation: Augmentation = Augmentation()
+) -> PIL.Image.Image:
+    """Random resized crop (one PIL call: crop box + resize) and, if enabled, a random horizontal flip."""
+    scale = (augmentation.min_crop_scale, RANDOM_RESIZED_CROP_SCALE[1])
+    left, top, w, h = random_resized_crop_box(image.width, image.height, scale=scale)
+    crop_h, crop_w = spec.crop_size
+    image = image.resize((crop_w, crop_h), resample=spec.resample, box=(left, top, left + w, top + h))
+    if augmentation.horizontal_flip and torch.rand(1).item() < 0.5:
+        image = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
+    return image
+
+
+class ImageTransform:
+    """Batch transform for `Dataset.with_transform`: {image, label} -> {pixel_values, labels}.
+
+    A class rather than a closure so datasets carrying it pickle into spawned DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        spec: Preprocessing,
+        train: bool,
+        image_column: str = "image",
+        label_column: str = "label",
+        augmentation: Augmentation = Augmentation(),
+    ):
+        self.spec, self.train, self.augmentation = spec, train, augmentation
+        self.image_column, self.label_column = image_column, label_column
+        self._scale = np.asarray(spec.scale, dtype=np.float32).reshape(3, 1, 1)
+        self._shift = np.asarray(spec.shift, dtype=np.float32).reshape(3, 1, 1)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(train={self.train}, {self.spec})"
+
+    def __call__(self, batch: Mapping[str, Sequence[Any]]) -> dict[str, list]:
+        for column in (self.image_column, self.label_column):
+            if column not in batch:
+                raise DataError(f"the transform needs column {column!r}; the batch has columns {list(batch)}")
+        pixel_values = [
+            self.normalise(self.geometry(to_rgb(decode_image(value, self.image_column))))
+            for value in batch[self.image_column]
+        ]
+        return {"pixel_values": pixel_values, "labels": [int(label) for label in batch[self.label_column]]}
+
+    def geometry(self, image: PIL.Image.Image) -> PIL.Image.Image:
+        if self.train:
+            return train_geometry(image, self.spec, self.augmentation)
+        return eval_geometry(image, self.spec)
+
+    def normalise(self, image: PIL.Image.Image) -> torch.Tensor:
+        """uint8 HWC -> float32 CHW in one multiply-add."""
+        pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)
+        out = np.multiply(pixels, self._scale)
+        out += self._shift
+        return torch.from_numpy(out)
+
+
+def resize_image_processor(image_processor: Any, image_size: int) -> Any:
+    """A copy of `image_processor` whose own geometry is `image_size`, keeping its crop fraction.
+
+    Training at `--image_size` uses it for the transforms and saves it with the model, so whoever loads the
+    model preprocesses exactly as the evaluation did.
+    """
+    if image_size <= 0:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    processor = copy.deepcopy(image_processor)
+    size, crop_size = getattr(processor, "size", None), getattr(processor, "crop_size", None)
+    shortest = _size_field(size, "shortest_edge")
+    height, width = _size_field(size, "height"), _size_field(size, "width")
+    crop_height = _size_field(crop_size, "height") if getattr(processor, "do_center_crop", True) else None
+    if shortest and crop_height:  # resize shortest edge, then crop (BiT, CLIP-style)
+        processor.size = {"shortest_edge": round(image_size * shortest / crop_height)}
+    elif shortest:  # ConvNeXt: the crop fraction lives in crop_pct
+        processor.size = {"shortest_edge": image_size}
+    elif height and width and crop_height:  # warp, then crop (EfficientNet)
+        processor.size = {
+            "height": round(image_size * height / crop_height),
+            "width": round(image_size * width / crop_height),
+        }
+    elif height and width:  # warp only (ViT); PoolFormer scales it by 1 / crop_pct itself
+        processor.size = {"height": image_size, "width": image_size}
+    else:
+        raise ValueError(
+            f"image processor size {size!r} is not supported (need shortest_edge or height and width)"
+        )
+    if crop_height:
+        processor.crop_size = {"height": image_size, "width": image_size}
+    return processor
+
+
+def build_transforms(
+    image_processor: Any,
+    image_size: int | None = None,
+    image_column: str = "image",
+    label_column: str = "label",
+    augmentation: Augmentation = Augmentation(),
+) -> tuple[ImageTransform, ImageTransform]:
+    """(train_transform, eval_transform) for `Dataset.with_transform`.
+
+    Train: RandomResizedCrop (scale `augmentation.min_crop_scale`-1, ratio 3/4-4/3) to the crop size, random
+    horizontal flip unless disabled. Eval: the processor's resize and center crop. Both normalise as the processor
+    does.
+    `image_size` overrides the crop size (see `resolve_preprocessing`). Because `with_transform`
+    is used, the Trainer needs `remove_unused_columns=False`.
+    """
+    spec = resolve_preprocessing(image_processor, image_size)
+    return (
+        ImageTransform(
+            spec, train=True, image_column=image_column, label_column=label_column, augmentation=augmentation
+        ),
+        ImageTransform(spec, train=False, image_column=image_column, label_column=label_column),
+    )
+
+
+def collate_fn(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack transformed examples into {"pixel_values": (B, 3, H, W) float, "labels": (B,) long}."""
+    pixel_values = torch.stack([torch.as_tensor(e["pixel_values"]) for e in examples]).float()
+    labels = torch.tensor([int(e["labels"]) for e in examples], dtype=torch.long)
+    return {"pixel_values": pixel_values, "labels": labels}
