@@ -41,7 +41,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from hf_adafilter import AdaFilterForImageClassification  # noqa: E402
-from hf_adafilter.fused import BankOp, bank_op, depthwise_weight_grad_is_faster  # noqa: E402
+from hf_adafilter.bank_ops import BankOp, bank_op, depthwise_weight_grad_is_faster  # noqa: E402
 from hf_adafilter.layers import gated_implementation  # noqa: E402
 
 NUM_LABELS = 10
@@ -369,7 +369,8 @@ SWEEP_LAYERS = (
 def layer_sweep(settings: Settings, batches: tuple[int, ...] = (1, 32), repeats: int = 7) -> list[str]:
     """Median time of one folded inference layer as per-example merged kernels and as both banks plus a select,
     with the cost model's pick: the measurements `fused.prefer_merged` is calibrated on."""
-    from hf_adafilter.fused import BankOp, FoldedBanks, merged_forward, prefer_merged, two_bank_forward
+    from hf_adafilter.bank_ops import BankOp
+    from hf_adafilter.gated_inference import FoldedBanks, merged_forward, prefer_merged, two_bank_forward
 
     rows = [
         "| layer (in -> out, map, kernel, groups) | batch | merged | two banks + select | cost model picks |",

@@ -12,26 +12,23 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .fused import (
-    BankOp,
-    FoldedBanks,
-    FusedGatedBanks,
-    FusedSpec,
-    NormSpec,
-    SpatialMean,
-    bank_op,
+from .bank_ops import BankOp, SpatialMean, bank_op, joins_well
+from .batchnorm_ops import (
     batchnorm_running_stats,
     batchnorm_step,
     batchnorms_compatible,
-    fold_banks,
     is_plain_batchnorm,
-    joins_well,
+    uses_batch_statistics,
+)
+from .gated_inference import (
+    FoldedBanks,
+    fold_banks,
     merged_forward,
     prefer_merged,
     tensors_key,
     two_bank_forward,
-    uses_batch_statistics,
 )
+from .gated_training import FusedGatedBanks, FusedSpec, NormSpec
 from .gating import GateController
 
 IMPLEMENTATIONS = ("reference", "fused", "merged", "auto")

@@ -48,7 +48,10 @@ REMOTE_CODE_FILES = (
     "gating.py",
     "backbones.py",
     "compact.py",
-    "fused.py",
+    "bank_ops.py",
+    "batchnorm_ops.py",
+    "gated_training.py",
+    "gated_inference.py",
 )
 
 

@@ -19,7 +19,8 @@ from conftest import perturb_finetuned_bank, pixel_batch, random_backbone
 from torch import nn
 
 from hf_adafilter import AdaFilterForImageClassification
-from hf_adafilter.fused import BankOp, bank_op, depthwise_weight_grad, prefer_merged
+from hf_adafilter.bank_ops import BankOp, bank_op, depthwise_weight_grad
+from hf_adafilter.gated_inference import prefer_merged
 from hf_adafilter.gating import GateController
 from hf_adafilter.layers import GatedLayer, gated_implementation
 
