@@ -5,11 +5,11 @@ Importing the package registers the model with transformers' Auto classes.
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
+from .backbone_sources import REGISTERED_RESOLVERS
+from .checkpointing import MODEL_CARD_WRITERS
 from .configuration_adafilter import AdaFilterConfig
 from .hub import push_model_card
 from .modeling_adafilter import (
-    BACKBONE_RESOLVERS,
-    MODEL_CARD_WRITERS,
     AdaFilterForImageClassification,
     AdaFilterImageClassifierOutput,
     AdaFilterModel,
@@ -17,7 +17,7 @@ from .modeling_adafilter import (
     AdaFilterPreTrainedModel,
 )
 from .prediction import classify_with_gate_fractions
-from .pretrained import is_packaged_backbone, packaged_backbone_path
+from .pretrained import is_packaged_backbone, packaged_backbone_path, resolve_packaged_backbone
 
 __version__ = "0.1.0"
 
@@ -26,12 +26,8 @@ AutoModel.register(AdaFilterConfig, AdaFilterModel, exist_ok=True)
 AutoModelForImageClassification.register(AdaFilterConfig, AdaFilterForImageClassification, exist_ok=True)
 
 
-def _resolve_packaged_backbone(name: str) -> str | None:
-    return str(packaged_backbone_path(name)) if is_packaged_backbone(name) else None
-
-
-if _resolve_packaged_backbone not in BACKBONE_RESOLVERS:
-    BACKBONE_RESOLVERS.append(_resolve_packaged_backbone)
+if resolve_packaged_backbone not in REGISTERED_RESOLVERS:
+    REGISTERED_RESOLVERS.append(resolve_packaged_backbone)
 # `model.push_to_hub` then writes the AdaFilter model card (remote code, without this package, keeps transformers').
 if push_model_card not in MODEL_CARD_WRITERS:
     MODEL_CARD_WRITERS.append(push_model_card)

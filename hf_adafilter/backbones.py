@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .backbone_sources import load_backbone
+
 
 @dataclass(frozen=True)
 class BackboneFamily:
@@ -217,3 +219,8 @@ def find_classifier_linear(classifier: nn.Module | None) -> nn.Linear | None:
         return classifier
     linears = [m for m in classifier.modules() if isinstance(m, nn.Linear)]
     return linears[-1] if len(linears) == 1 else None
+
+
+def load_supported_backbone(backbone, **kwargs):
+    """`backbone_sources.load_backbone`, refusing a family AdaFilter does not support before any weights are read."""
+    return load_backbone(backbone, check_config=lambda config: get_family(config.model_type), **kwargs)

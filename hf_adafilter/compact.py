@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import importlib
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors.torch import load_file
 from transformers.utils import cached_file
+
+from .backbone_sources import resolve_packaged
 
 COMPACT_VARIANT = "compact"
 COMPACT_WEIGHTS_NAME = "model.compact.safetensors"
@@ -47,8 +48,6 @@ DOWNLOAD_KWARGS = (
 )
 # What the base backbone is loaded with: the compact repo's revision and subfolder are not the base's.
 _BASE_DOWNLOAD_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "token")
-
-Resolver = Callable[[str], str | None]
 
 
 class CompactBaseMismatchError(ValueError):
@@ -81,30 +80,9 @@ def download_kwargs(kwargs: dict[str, Any], pop: bool = False) -> dict[str, Any]
 # ----------------------------------------------------------------------------- saving
 
 
-def resolve_packaged(name: str, resolvers: Sequence[Resolver]) -> str | None:
-    """Local folder of a packaged alias (e.g. "efficientnet-lite0"), or None when nothing here provides it.
-
-    Remote code ships with no resolver; when the pip package is installed, its resolvers are used too.
-    """
-    for resolve in [*resolvers, *_package_resolvers(resolvers)]:
-        found = resolve(name)
-        if found:
-            return found
-    return None
-
-
-def _package_resolvers(own: Sequence[Resolver]) -> list[Resolver]:
-    try:
-        module = importlib.import_module("hf_adafilter.modeling_adafilter")
-    except ImportError:
-        return []
-    resolvers = getattr(module, "BACKBONE_RESOLVERS", [])
-    return [] if resolvers is own else list(resolvers)
-
-
-def base_source(name: str, resolvers: Sequence[Resolver]) -> str:
+def base_source(name: str) -> str:
     """How the loader will find the base backbone again: "packaged", "local" or "hub"."""
-    if resolve_packaged(name, resolvers) is not None:
+    if resolve_packaged(name) is not None:
         return "packaged"
     if os.path.isdir(name):
         return "local"
@@ -119,7 +97,7 @@ def base_source(name: str, resolvers: Sequence[Resolver]) -> str:
 
 
 def compact_save_plan(
-    model: Any, base_model: str | None, base_revision: str | None, resolvers: Sequence[Resolver]
+    model: Any, base_model: str | None, base_revision: str | None
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(`config.compact_base` marker, tensors to save): everything but the frozen parameters.
 
@@ -144,7 +122,7 @@ def compact_save_plan(
     marker = {
         "name_or_path": name,
         "revision": base_revision,
-        "source": base_source(name, resolvers),
+        "source": base_source(name),
         "sha256": tensor_digest(frozen_tensors),
         "dtype": str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else None,
     }
@@ -189,7 +167,6 @@ def load_base_state_dict(
     path: str | os.PathLike,
     marker: dict[str, Any],
     load_backbone: Callable[..., tuple[Any, Any]],
-    resolvers: Sequence[Resolver],
     download: dict[str, Any],
     base_revision: str | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -197,7 +174,7 @@ def load_base_state_dict(
     name, source = marker["name_or_path"], marker["source"]
     hub_kwargs = {key: download[key] for key in _BASE_DOWNLOAD_KWARGS if download.get(key) is not None}
     if source == "packaged":
-        location = resolve_packaged(name, resolvers)
+        location = resolve_packaged(name)
         if location is None:
             raise ImportError(
                 f"The compact AdaFilter checkpoint {str(path)!r} rebuilds its frozen pre-trained bank from the "

@@ -17,10 +17,11 @@ from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, PreTrainedModel
 
 from .arguments import AdaFilterArguments, BaselineArguments
+from .backbone_sources import resolve_backbone
 from .backbones import find_classifier_linear, get_family
 from .l2sp import L2SPPenalty
 from .lora import apply_lora
-from .modeling_adafilter import AdaFilterForImageClassification, resolve_backbone_location
+from .modeling_adafilter import AdaFilterForImageClassification
 
 METHODS = ("adafilter", "finetune", "linear_probe", "l2sp", "lora", "bitfit")
 
@@ -54,7 +55,7 @@ def apply_training_defaults(training_args, method: str, given: set[str]) -> dict
 
 
 def load_image_processor(name_or_path: str, **hub_kwargs):
-    return AutoImageProcessor.from_pretrained(resolve_backbone_location(name_or_path), **hub_kwargs)
+    return AutoImageProcessor.from_pretrained(resolve_backbone(name_or_path), **hub_kwargs)
 
 
 def build_classifier(
@@ -72,7 +73,7 @@ def build_classifier(
     trust_remote_code) reach every download."""
     if method not in METHODS:
         raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {method!r}.")
-    location = resolve_backbone_location(name_or_path)
+    location = resolve_backbone(name_or_path)
     config = AutoConfig.from_pretrained(location, **hub_kwargs)
     label2id = {label: index for index, label in id2label.items()}
     if config.model_type == "adafilter":

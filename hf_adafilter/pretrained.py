@@ -341,3 +341,9 @@ def _publish(tmp: pathlib.Path, final: pathlib.Path) -> pathlib.Path:
         if not _is_complete(final):
             raise
     return final
+
+
+def resolve_packaged_backbone(name: str) -> str | None:
+    """The converted folder of a packaged alias, None for any other name: the resolver this package declares under
+    the `hf_adafilter.backbone_resolvers` entry point (see `backbone_sources.py`)."""
+    return str(packaged_backbone_path(name)) if is_packaged_backbone(name) else None

