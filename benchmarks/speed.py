@@ -368,7 +368,7 @@ SWEEP_LAYERS = (
 
 def layer_sweep(settings: Settings, batches: tuple[int, ...] = (1, 32), repeats: int = 7) -> list[str]:
     """Median time of one folded inference layer as per-example merged kernels and as both banks plus a select,
-    with the cost model's pick: the measurements `fused.prefer_merged` is calibrated on."""
+    with the cost model's pick: the measurements `gated_inference.prefer_merged` is calibrated on."""
     from hf_adafilter.bank_ops import BankOp
     from hf_adafilter.gated_inference import FoldedBanks, merged_forward, prefer_merged, two_bank_forward
 

@@ -41,10 +41,10 @@ def gated_implementation(name: str) -> Iterator[None]:
 
     "reference" is the definition: both banks as modules, two norms, a mix, module calls in the gate controller.
     "fused": training (and any forward that needs autograd) runs both banks, norms and mix in one autograd function
-    (`fused.FusedGatedBanks`); inference (no grad, norms in eval mode) folds each norm into its bank and computes
+    (`gated_training.FusedGatedBanks`); inference (no grad, norms in eval mode) folds each norm into its bank and computes
     both banks, then selects. "merged": as "fused", but inference always uses per-example merged kernels (one conv
     per layer). "auto" (the default): "fused" in training, and in inference merged or both banks per layer by a cost
-    model (`fused.prefer_merged`). All but "reference" also use the lean gate controller. All give the reference's
+    model (`gated_inference.prefer_merged`). All but "reference" also use the lean gate controller. All give the reference's
     outputs and gradients up to float rounding (tests/test_fast_paths.py).
     """
     if name not in IMPLEMENTATIONS:
