@@ -140,7 +140,7 @@ def build_variant(config: ModelConfig, variant: str) -> transformers.PreTrainedM
 
 
 class _DepthwiseFastWeightGrad(torch.autograd.Function):
-    """A depthwise conv whose weight gradient is AdaFilter's (`fused.depthwise_weight_grad`)."""
+    """A depthwise conv whose weight gradient is AdaFilter's (`bank_ops.depthwise_weight_grad`)."""
 
     @staticmethod
     def forward(ctx, hidden_states: torch.Tensor, weight: torch.Tensor, op: BankOp) -> torch.Tensor:
