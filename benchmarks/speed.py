@@ -205,7 +205,7 @@ def make_train_step(
     labels = torch.randint(0, NUM_LABELS, (batch,), generator=generator).to(device)
 
     def step() -> None:
-        with gated_implementation(implementation_of(variant)), autocast_context(settings):
+        with gated_implementation(model, implementation_of(variant)), autocast_context(settings):
             optimizer.zero_grad(set_to_none=True)
             loss = model(pixels, labels=labels).loss
             loss.backward()
@@ -222,7 +222,11 @@ def make_inference(
     pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
 
     def forward() -> None:
-        with gated_implementation(implementation_of(variant)), autocast_context(settings), torch.no_grad():
+        with (
+            gated_implementation(model, implementation_of(variant)),
+            autocast_context(settings),
+            torch.no_grad(),
+        ):
             model(pixels)
 
     return forward
@@ -531,7 +535,7 @@ REPORT_TITLE = (
     "Written by `benchmarks/speed.py` (the sections between the markers); ratios are AdaFilter over standard "
     "fine-tuning of the same backbone (all parameters trainable, same AdamW, batch and input) for training, and "
     "over the plain backbone for inference. *Before* is the reference two-bank implementation "
-    '(`gated_implementation("reference")`), *after* the default fast paths.\n'
+    '(`gated_implementation(model, "reference")`), *after* the default fast paths.\n'
 )
 NOTES_MARKER = "## Notes"
 

@@ -16,6 +16,8 @@ from transformers.configuration_utils import SubConfigSpec
 from .backbones import SUPPORTED_FAMILIES
 
 GATE_NETWORKS = ("lstm", "gru", "independent")
+# How gated layers compute (layers.GATED_FORWARDS): all give the same outputs up to float rounding.
+GATED_IMPLEMENTATIONS = ("reference", "fused", "merged", "auto")
 # Refused before anything is allocated: an LSTM of this width already holds ~4 * 4096^2 weights per matrix pair.
 MAX_GATE_SIZE = 4096
 
@@ -59,6 +61,10 @@ class AdaFilterConfig(PreTrainedConfig):
             Dropout before the classification head; `None` takes the backbone family's own classifier dropout.
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the initialisation of the gate network and head.
+        gated_implementation (`str`, *optional*, defaults to `"auto"`):
+            How the gated layers compute, like transformers' `attn_implementation`: `"reference"` (the definition,
+            module by module), `"fused"`, `"merged"` or `"auto"` (fast paths; see `layers.apply_gated_implementation`).
+            Change it on a built model with `model.set_gated_implementation(name)`.
         compact_base (`dict`, *optional*):
             Set only in the `config.json` of a compact checkpoint (`save_pretrained(..., compact=True)`), which stores
             what training changed but not the frozen pre-trained bank: where that bank is rebuilt from and its
@@ -81,6 +87,7 @@ class AdaFilterConfig(PreTrainedConfig):
     exclude_modules: list[str] | str | None = None
     classifier_dropout: float | int | None = None
     initializer_range: float | int = 0.02
+    gated_implementation: str = "auto"
     compact_base: dict | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
@@ -107,6 +114,11 @@ class AdaFilterConfig(PreTrainedConfig):
             raise ValueError(
                 f"AdaFilterConfig.gate_network must be one of {', '.join(map(repr, GATE_NETWORKS))}, "
                 f"got {self.gate_network!r}."
+            )
+        if self.gated_implementation not in GATED_IMPLEMENTATIONS:
+            raise ValueError(
+                f"AdaFilterConfig.gated_implementation must be one of {', '.join(map(repr, GATED_IMPLEMENTATIONS))}, "
+                f"got {self.gated_implementation!r}."
             )
         for name in ("gate_input_size", "gate_hidden_size"):
             value = getattr(self, name)

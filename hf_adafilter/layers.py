@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -31,31 +31,51 @@ from .gated_inference import (
 from .gated_training import FusedGatedBanks, FusedSpec, NormSpec
 from .gating import GateController
 
-IMPLEMENTATIONS = ("reference", "fused", "merged", "auto")
 _UNSUPPORTED = object()
 
 
-@contextlib.contextmanager
-def gated_implementation(name: str) -> Iterator[None]:
-    """Runs every gated layer (and the gate controller) with implementation `name` inside the block.
+def apply_gated_implementation(module: nn.Module, name: str) -> None:
+    """Every gated layer under `module` (and its gate controller) runs implementation `name` from now on.
 
     "reference" is the definition: both banks as modules, two norms, a mix, module calls in the gate controller.
     "fused": training (and any forward that needs autograd) runs both banks, norms and mix in one autograd function
-    (`gated_training.FusedGatedBanks`); inference (no grad, norms in eval mode) folds each norm into its bank and computes
-    both banks, then selects. "merged": as "fused", but inference always uses per-example merged kernels (one conv
-    per layer). "auto" (the default): "fused" in training, and in inference merged or both banks per layer by a cost
-    model (`gated_inference.prefer_merged`). All but "reference" also use the lean gate controller. All give the reference's
-    outputs and gradients up to float rounding (tests/test_fast_paths.py).
+    (`gated_training.FusedGatedBanks`); inference (no grad, norms in eval mode) folds each norm into its bank and
+    computes both banks, then selects. "merged": as "fused", but inference always uses per-example merged kernels
+    (one conv per layer). "auto" (the default): "fused" in training, and in inference merged or both banks per layer
+    by a cost model (`gated_inference.prefer_merged`). All but "reference" also use the lean gate controller. All give
+    the reference's outputs and gradients up to float rounding (tests/test_fast_paths.py). Models keep theirs in
+    `config.gated_implementation` (`model.set_gated_implementation`).
     """
-    if name not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {name!r}.")
-    previous = GatedLayer.implementation, GateController.implementation
-    GatedLayer.implementation = name
-    GateController.implementation = "reference" if name == "reference" else "auto"
+    if name not in GATED_FORWARDS:
+        raise ValueError(f"implementation must be one of {tuple(GATED_FORWARDS)}, got {name!r}.")
+    for holder in _implementation_holders(module):
+        holder.implementation = (
+            name if isinstance(holder, GatedLayer) else ("reference" if name == "reference" else "auto")
+        )
+
+
+@contextlib.contextmanager
+def gated_implementation(module: nn.Module, name: str) -> Iterator[None]:
+    """`apply_gated_implementation(module, name)` inside the block; each layer gets its own setting back after."""
+    previous = [(holder, holder.implementation) for holder in _implementation_holders(module)]
+    apply_gated_implementation(module, name)
     try:
         yield
     finally:
-        GatedLayer.implementation, GateController.implementation = previous
+        for holder, implementation in previous:
+            holder.implementation = implementation
+
+
+def _implementation_holders(module: nn.Module) -> list[nn.Module]:
+    """The gated layers and gate controllers under `module`, controllers attached to its layers included."""
+    holders: dict[int, nn.Module] = {}
+    for child in module.modules():
+        if isinstance(child, GatedLayer):
+            holders[id(child)] = child
+            holders.update((id(controller), controller) for controller in child._controller)
+        elif isinstance(child, GateController):
+            holders[id(child)] = child
+    return list(holders.values())
 
 
 class GatedLayer(nn.Module):
@@ -67,7 +87,7 @@ class GatedLayer(nn.Module):
     BatchNorm normalises the mixture. Unknown attribute reads fall through to `base_layer` (padding helpers read
     `.stride`, `.kernel_size`).
 
-    `implementation` (class-wide, or per instance) picks the forward: see `gated_implementation`. Layers whose
+    `implementation` picks the forward from `GATED_FORWARDS` (set per model: `apply_gated_implementation`). Layers whose
     modules the fast paths cannot replicate exactly (custom conv forwards, norms other than plain BatchNorm) run
     the reference forward whatever it says.
     """
@@ -138,16 +158,13 @@ class GatedLayer(nn.Module):
                 "GatedLayer is not attached to a gate controller; build it through AdaFilterModel."
             )
         implementation = self.implementation
-        if implementation == "reference":
-            gates = self._controller[0](self.layer_index, self.pool(hidden_states))
-        else:
-            if implementation not in IMPLEMENTATIONS:
-                raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}.")
-            gates = self._controller[0](self.layer_index, self._fast_pool(hidden_states))
-            mixed = self._fast_forward(hidden_states, gates, implementation)
-            if mixed is not None:
-                return mixed
-        return self._reference_forward(hidden_states, gates)
+        forward = GATED_FORWARDS.get(implementation)
+        if forward is None:
+            raise ValueError(
+                f"implementation must be one of {tuple(GATED_FORWARDS)}, got {implementation!r}."
+            )
+        pooled = self.pool(hidden_states) if implementation == "reference" else self._fast_pool(hidden_states)
+        return forward(self, hidden_states, self._controller[0](self.layer_index, pooled))
 
     def _reference_forward(self, hidden_states: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """The definition: both banks as their own modules, each normalised by its own norm, mixed per filter."""
@@ -287,3 +304,20 @@ def _folding_sources(modules: tuple[nn.Module | None, ...]) -> list[torch.Tensor
         for tensor in table.values()
         if tensor is not None
     ]
+
+
+def _fast_or_reference(
+    implementation: str,
+) -> Callable[[GatedLayer, torch.Tensor, torch.Tensor], torch.Tensor]:
+    def forward(layer: GatedLayer, hidden_states: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        mixed = layer._fast_forward(hidden_states, gates, implementation)
+        return layer._reference_forward(hidden_states, gates) if mixed is None else mixed
+
+    return forward
+
+
+# The implementations of a gated layer's forward, by name: each maps (layer, input, gates) to the mixed output.
+GATED_FORWARDS: dict[str, Callable[[GatedLayer, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "reference": lambda layer, hidden_states, gates: layer._reference_forward(hidden_states, gates),
+    **{name: _fast_or_reference(name) for name in ("fused", "merged", "auto")},
+}

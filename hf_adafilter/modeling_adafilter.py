@@ -30,7 +30,7 @@ from .backbones import find_classifier_linear, find_gate_targets, get_family, lo
 from .checkpointing import AdaFilterCheckpointMixin
 from .configuration_adafilter import AdaFilterConfig
 from .gating import GateController
-from .layers import GatedLayer
+from .layers import GatedLayer, apply_gated_implementation
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
@@ -149,6 +149,13 @@ class AdaFilterModel(AdaFilterPreTrainedModel):
         self.num_features = self.family.feature_size(self.backbone)
         self.post_init()
         self.apply_trainability()
+        apply_gated_implementation(self, config.gated_implementation)
+
+    def set_gated_implementation(self, name: str) -> None:
+        """How this model's gated layers compute from now on (`config.gated_implementation`), like transformers'
+        `set_attn_implementation`; other models are not affected."""
+        apply_gated_implementation(self, name)
+        self.config.gated_implementation = name
 
     @property
     def gated_layer_names(self) -> list[str]:
@@ -299,6 +306,9 @@ class AdaFilterForImageClassification(AdaFilterPreTrainedModel):
 
     def gate_parameters(self) -> Iterator[nn.Parameter]:
         return self.adafilter.gate_parameters()
+
+    def set_gated_implementation(self, name: str) -> None:
+        self.adafilter.set_gated_implementation(name)
 
     def print_trainable_parameters(self) -> None:
         """PEFT's summary line, with the trainable parameters split into fine-tuned bank (+ norms), gate network

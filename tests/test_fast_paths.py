@@ -18,7 +18,7 @@ import transformers
 from conftest import perturb_finetuned_bank, pixel_batch, random_backbone
 from torch import nn
 
-from hf_adafilter import AdaFilterForImageClassification
+from hf_adafilter import AdaFilterConfig, AdaFilterForImageClassification
 from hf_adafilter.bank_ops import BankOp, bank_op, depthwise_weight_grad
 from hf_adafilter.gated_inference import prefer_merged
 from hf_adafilter.gating import GateController
@@ -44,7 +44,7 @@ def run_step(model, implementation: str, pixels: torch.Tensor, train: bool, grad
     model.train(train)
     model.zero_grad(set_to_none=True)
     torch.manual_seed(0)  # the same Gumbel noise for both paths
-    with gated_implementation(implementation), torch.set_grad_enabled(grad):
+    with gated_implementation(model, implementation), torch.set_grad_enabled(grad):
         out = model(pixels, labels=LABELS[: pixels.shape[0]] if grad else None)
         if grad:
             weights = [torch.linspace(0.1, 1.0, g.shape[1], dtype=g.dtype) for g in out.gates]
@@ -152,17 +152,17 @@ def test_inference_paths_match_reference(family, implementation, gated_norm):
     for batch in (1, 4):
         pixels = pixel_batch(batch_size=batch)
         with torch.no_grad():
-            with gated_implementation("reference"):
+            with gated_implementation(model, "reference"):
                 reference = model(pixels)
-            with gated_implementation(implementation):
+            with gated_implementation(model, implementation):
                 fast = model(pixels)
         assert_close(fast.logits, reference.logits, FP32_TOLERANCE, f"batch {batch} logits")
         assert all(torch.equal(a, b) for a, b in zip(reference.gates, fast.gates, strict=True))
-    with torch.no_grad(), gated_implementation(implementation):
-        model64 = copy.deepcopy(model).double()
+    model64 = copy.deepcopy(model).double()
+    with torch.no_grad(), gated_implementation(model64, implementation):
         pixels = pixel_batch().double()
         fast = model64(pixels).logits
-        with gated_implementation("reference"):
+        with gated_implementation(model64, "reference"):
             reference = model64(pixels).logits
     assert_close(fast, reference, FP64_TOLERANCE, "float64 logits")
 
@@ -177,7 +177,7 @@ def test_folded_banks_follow_in_place_updates():
             layer.finetuned_layer.weight.mul_(1.5)
             layer.finetuned_norm.running_var.mul_(2.0)
         after = model(pixels).logits
-        with gated_implementation("reference"):
+        with gated_implementation(model, "reference"):
             reference = model(pixels).logits
     assert not torch.allclose(before, after)
     assert_close(after, reference, FP32_TOLERANCE, "logits after in-place update")
@@ -188,10 +188,10 @@ def test_forced_gates_between_zero_and_one_mix_the_banks():
     with torch.no_grad(), model.forced_gates(0.25):
         for batch in (1, 3):
             pixels = pixel_batch(batch_size=batch)
-            with gated_implementation("reference"):
+            with gated_implementation(model, "reference"):
                 reference = model(pixels).logits
             for implementation in ("fused", "merged"):
-                with gated_implementation(implementation):
+                with gated_implementation(model, implementation):
                     assert_close(model(pixels).logits, reference, FP32_TOLERANCE, implementation)
 
 
@@ -232,7 +232,7 @@ def layer_outputs(layer: GatedLayer, implementation: str, pixels: torch.Tensor):
     inputs = pixels.clone().requires_grad_()
     controller.reset()
     torch.manual_seed(0)
-    with gated_implementation(implementation):
+    with gated_implementation(layer, implementation):
         out = layer(inputs)
     out.pow(2).sum().backward()
     return out, inputs.grad, layer.finetuned_layer.weight.grad
@@ -313,20 +313,38 @@ def test_lean_controller_gives_identical_decisions_and_gradients(network):
                 assert_close(fast[1][name], grad, FP32_TOLERANCE, name)
     with torch.no_grad():
         model.eval()
-        with gated_implementation("reference"):
+        with gated_implementation(model, "reference"):
             expected = model(pixels).gates
-        with gated_implementation("auto"):
+        with gated_implementation(model, "auto"):
             actual = model(pixels).gates
     assert all(torch.equal(a, b) for a, b in zip(expected, actual, strict=True))
 
 
-def test_implementation_switch_is_validated_and_restored():
+def implementations(model) -> set[str]:
+    return {m.implementation for m in model.modules() if isinstance(m, GatedLayer | GateController)}
+
+
+def test_implementation_is_per_model_in_its_config_validated_and_restored(tmp_path):
+    model, other = perturbed_model("resnet", torch.float32), perturbed_model("resnet", torch.float32)
     with pytest.raises(ValueError, match="implementation must be one of"):
-        with gated_implementation("fastest"):
+        with gated_implementation(model, "fastest"):
             pass
-    with gated_implementation("reference"):
-        assert GatedLayer.implementation == "reference" and GateController.implementation == "reference"
-    assert GatedLayer.implementation == "auto" and GateController.implementation == "auto"
+    with gated_implementation(model, "reference"):
+        assert implementations(model) == {"reference"} and implementations(other) == {"auto"}
+    assert implementations(model) == {"auto"}
+    model.set_gated_implementation(
+        "merged"
+    )  # like set_attn_implementation: this model only, recorded in its config
+    assert model.config.gated_implementation == "merged" and implementations(other) == {"auto"}
+    assert {m.implementation for m in model.modules() if isinstance(m, GatedLayer)} == {"merged"}
+    model.save_pretrained(tmp_path)
+    reloaded = AdaFilterForImageClassification.from_pretrained(tmp_path)
+    assert {m.implementation for m in reloaded.modules() if isinstance(m, GatedLayer)} == {"merged"}
+    built = AdaFilterForImageClassification.from_backbone(random_backbone("resnet"), num_labels=2,
+                                                          gated_implementation="reference")  # fmt: skip
+    assert implementations(built) == {"reference"}
+    with pytest.raises(ValueError, match="gated_implementation must be one of"):
+        AdaFilterConfig(gated_implementation="fastest")
 
 
 # ----------------------------------------------------------------------------- autocast and torch.compile
@@ -347,7 +365,7 @@ def autocast_run(model, implementation: str, pixels: torch.Tensor, dtype: torch.
     model = copy.deepcopy(model).train(train)
     model.adafilter.gate_controller.eval()  # deterministic decisions: no noise to amplify rounding differences
     with (
-        gated_implementation(implementation),
+        gated_implementation(model, implementation),
         torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=bool(dtype)),
     ):
         with torch.set_grad_enabled(train):
@@ -400,7 +418,7 @@ def test_torch_compile_traces_the_fast_paths():
     model.eval()
     reference_model.eval()
     with torch.no_grad():
-        with gated_implementation("reference"):
+        with gated_implementation(reference_model, "reference"):
             expected = reference_model(pixels).logits
         assert_close(compiled(pixels).logits, expected, FP32_TOLERANCE, "compiled eval")
         # Inference traces into one graph: folded, merged and two-bank paths included.
