@@ -8,6 +8,10 @@ from .configuration_adafilter import GATE_NETWORKS, AdaFilterConfig
 from .l2sp import L2SP_ALPHA, L2SP_BETA
 from .lora import LORA_ALPHA, LORA_DROPOUT, LORA_R
 from .regularization import GATE_REGULARIZERS
+from .transforms import Augmentation
+
+# The training methods of the pipeline (`methods.build_classifier` builds each).
+METHODS = ("adafilter", "finetune", "linear_probe", "l2sp", "lora", "bitfit")
 
 
 @dataclass
@@ -157,3 +161,89 @@ class BaselineArguments:
             raise ValueError(f"--lora_alpha must be > 0, got {self.lora_alpha}.")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="efficientnet-lite0",
+        metadata={
+            "help": "Pretrained backbone: a Hub id, a local path, a packaged alias (efficientnet-lite0), or an "
+            "AdaFilter checkpoint to keep training."
+        },
+    )
+    method: str = field(
+        default="adafilter",
+        metadata={
+            "help": "adafilter, or a baseline through the same pipeline: finetune, linear_probe, l2sp (fine-tuning "
+            "pulled towards the pretrained weights), lora (PEFT LoRA on the layers AdaFilter gates; needs peft), "
+            "bitfit (biases, norms and head only).",
+            "choices": list(METHODS),
+        },
+    )
+    image_processor_name: str | None = field(
+        default=None, metadata={"help": "Image processor to use (default: the backbone's)."}
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Where Hub downloads are cached."})
+    model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the backbone."})
+    token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace a model already saved in --output_dir."}
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow the backbone's own modelling code from the Hub to run (read it first)."},
+    )
+    ignore_mismatched_sizes: bool = field(
+        default=True,
+        metadata={
+            "help": "Give the model a new head when the data's labels differ from the checkpoint's (a new task "
+            "always needs one, hence on by default; false: refuse instead)."
+        },
+    )
+
+
+@dataclass
+class DataTrainingArguments:
+    dataset_name: str | None = field(default=None, metadata={"help": "A Hub image-classification dataset."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration name."})
+    train_dir: str | None = field(default=None, metadata={"help": "Image folder (one sub-folder per class)."})
+    validation_dir: str | None = field(default=None, metadata={"help": "Image folder for evaluation."})
+    test_dir: str | None = field(
+        default=None, metadata={"help": "Image folder for the final test (--do_predict)."}
+    )
+    image_column_name: str | None = field(
+        default=None, metadata={"help": "Image column (default: detected)."}
+    )
+    label_column_name: str | None = field(
+        default=None, metadata={"help": "Label column (default: detected)."}
+    )
+    train_val_split: float = field(
+        default=0.15,
+        metadata={"help": "Share of train carved out (stratified) when there is no validation split."},
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate train (debugging)."})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Truncate validation (debugging); the test split is left whole."}
+    )
+    max_predict_samples: int | None = field(default=None, metadata={"help": "Truncate test (debugging)."})
+    image_size: int | None = field(
+        default=None, metadata={"help": "Training/eval crop size (default: the image processor's)."}
+    )
+    min_crop_scale: float = field(
+        default=Augmentation.min_crop_scale,
+        metadata={"help": "Smallest share of the image area a training crop keeps (random resized crop)."},
+    )
+    horizontal_flip: bool = field(
+        default=Augmentation.horizontal_flip,
+        metadata={
+            "help": "Random horizontal flips in training (turn off for digits, text, left/right classes)."
+        },
+    )
+    evaluate_train_split: bool = field(
+        default=False,
+        metadata={
+            "help": "With --do_eval, also evaluate the training images (evaluation transform): train_eval_accuracy "
+            "next to eval_accuracy shows under- or overfitting."
+        },
+    )

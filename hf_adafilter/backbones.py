@@ -10,6 +10,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from .backbone_sources import load_backbone
@@ -30,7 +31,8 @@ class BackboneFamily:
     classifier_dropout: Callable[[object], float] = lambda config: 0.0
     # Whether pointwise nn.Linear layers (channels-last convs) are gated too.
     gate_linear: bool = False
-    # Fixes applied to a freshly built backbone before any layer is gated.
+    # Fixes applied to a backbone before training: to a freshly built one before any layer is gated, and to the
+    # baselines' pretrained classifier.
     prepare: Callable[[nn.Module], None] = lambda backbone: None
     # Stage ("stage1", ..., "head") of a module, for per-stage statistics like the paper's analysis.
     stage_of: Callable[[str, object], str] = lambda name, config: _stage_from_stages_index(name)
@@ -81,6 +83,29 @@ def sync_batchnorm_momentum(model: nn.Module) -> nn.Module:
     return model
 
 
+def freeze_identity_squeeze_excite(model: nn.Module) -> None:
+    """Backbones without squeeze-excite (EfficientNet-Lite) carry HF SE blocks made an exact identity; they are
+    no parameters of the real network, so no method may train them (weight decay would erode the identity)."""
+    for name, module in model.named_modules():
+        if name.endswith("squeeze_excite") and _is_identity_squeeze_excite(module):
+            module.requires_grad_(False)
+
+
+def _is_identity_squeeze_excite(module: nn.Module) -> bool:
+    reduce, expand = getattr(module, "reduce", None), getattr(module, "expand", None)
+    if reduce is None or expand is None or reduce.weight.is_meta:  # no values yet (a skeleton being built)
+        return False
+    return bool(
+        (reduce.weight == 0).all() and (expand.weight == 0).all() and torch.sigmoid(expand.bias).eq(1).all()
+    )
+
+
+def _prepare_efficientnet(model: nn.Module) -> nn.Module:
+    """Momentum made uniform, and the identity squeeze-excite of EfficientNet-Lite frozen (once weights are in)."""
+    freeze_identity_squeeze_excite(sync_batchnorm_momentum(model))
+    return model
+
+
 FAMILIES: dict[str, BackboneFamily] = {
     family.model_type: family
     for family in (
@@ -101,7 +126,7 @@ FAMILIES: dict[str, BackboneFamily] = {
             },
             feature_size=lambda backbone: backbone.encoder.top_conv.out_channels,
             classifier_dropout=lambda config: config.dropout_rate,
-            prepare=sync_batchnorm_momentum,
+            prepare=_prepare_efficientnet,
             stage_of=_efficientnet_stage,
         ),
         BackboneFamily(

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -27,11 +26,10 @@ import torch
 import transformers
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
-from .arguments import AdaFilterArguments, BaselineArguments
+from .arguments import AdaFilterArguments, BaselineArguments, DataTrainingArguments, ModelArguments
 from .data import DataError, load_default_dataset, load_image_classification_data
 from .images import check_images
 from .methods import (
-    METHODS,
     TRAINING_DEFAULTS,
     apply_training_defaults,
     build_classifier,
@@ -41,7 +39,7 @@ from .methods import (
 )
 from .metrics import build_compute_metrics
 from .plots import plot_gate_fractions
-from .resume import checkpoint_step, find_resumable_checkpoint
+from .resume import check_checkpoint_labels, check_output_dir, detect_checkpoint
 from .transforms import Augmentation, build_transforms, collate_fn, resize_image_processor
 
 logger = logging.getLogger(__name__)
@@ -65,92 +63,6 @@ DEFAULT_ARGS = [
     "--report_to", "none",
     "--seed", "42",
 ]  # fmt: skip
-
-
-@dataclass
-class ModelArguments:
-    model_name_or_path: str = field(
-        default="efficientnet-lite0",
-        metadata={
-            "help": "Pretrained backbone: a Hub id, a local path, a packaged alias (efficientnet-lite0), or an "
-            "AdaFilter checkpoint to keep training."
-        },
-    )
-    method: str = field(
-        default="adafilter",
-        metadata={
-            "help": "adafilter, or a baseline through the same pipeline: finetune, linear_probe, l2sp (fine-tuning "
-            "pulled towards the pretrained weights), lora (PEFT LoRA on the layers AdaFilter gates; needs peft), "
-            "bitfit (biases, norms and head only).",
-            "choices": list(METHODS),
-        },
-    )
-    image_processor_name: str | None = field(
-        default=None, metadata={"help": "Image processor to use (default: the backbone's)."}
-    )
-    cache_dir: str | None = field(default=None, metadata={"help": "Where Hub downloads are cached."})
-    model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the backbone."})
-    token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Replace a model already saved in --output_dir."}
-    )
-    trust_remote_code: bool = field(
-        default=False,
-        metadata={"help": "Allow the backbone's own modelling code from the Hub to run (read it first)."},
-    )
-    ignore_mismatched_sizes: bool = field(
-        default=True,
-        metadata={
-            "help": "Give the model a new head when the data's labels differ from the checkpoint's (a new task "
-            "always needs one, hence on by default; false: refuse instead)."
-        },
-    )
-
-
-@dataclass
-class DataTrainingArguments:
-    dataset_name: str | None = field(default=None, metadata={"help": "A Hub image-classification dataset."})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration name."})
-    train_dir: str | None = field(default=None, metadata={"help": "Image folder (one sub-folder per class)."})
-    validation_dir: str | None = field(default=None, metadata={"help": "Image folder for evaluation."})
-    test_dir: str | None = field(
-        default=None, metadata={"help": "Image folder for the final test (--do_predict)."}
-    )
-    image_column_name: str | None = field(
-        default=None, metadata={"help": "Image column (default: detected)."}
-    )
-    label_column_name: str | None = field(
-        default=None, metadata={"help": "Label column (default: detected)."}
-    )
-    train_val_split: float = field(
-        default=0.15,
-        metadata={"help": "Share of train carved out (stratified) when there is no validation split."},
-    )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate train (debugging)."})
-    max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Truncate validation (debugging); the test split is left whole."}
-    )
-    max_predict_samples: int | None = field(default=None, metadata={"help": "Truncate test (debugging)."})
-    image_size: int | None = field(
-        default=None, metadata={"help": "Training/eval crop size (default: the image processor's)."}
-    )
-    min_crop_scale: float = field(
-        default=Augmentation.min_crop_scale,
-        metadata={"help": "Smallest share of the image area a training crop keeps (random resized crop)."},
-    )
-    horizontal_flip: bool = field(
-        default=Augmentation.horizontal_flip,
-        metadata={
-            "help": "Random horizontal flips in training (turn off for digits, text, left/right classes)."
-        },
-    )
-    evaluate_train_split: bool = field(
-        default=False,
-        metadata={
-            "help": "With --do_eval, also evaluate the training images (evaluation transform): train_eval_accuracy "
-            "next to eval_accuracy shows under- or overfitting."
-        },
-    )
 
 
 DESCRIPTION = (
@@ -226,72 +138,6 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed
         token=model_args.token,
         **options,
     )
-
-
-def check_output_dir(output_dir: str) -> None:
-    """A file or an unwritable place fails now, not at the first save, after training."""
-    path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise DataError(f"--output_dir {output_dir} is a file, not a folder: choose another --output_dir.")
-    existing = next((p for p in (path, *path.parents) if p.exists()), None)
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise DataError(
-            f"--output_dir {output_dir}: {existing} is not writable: choose another --output_dir."
-        )
-
-
-def detect_checkpoint(training_args: TrainingArguments, model_args: ModelArguments) -> str | None:
-    """Resume from the newest complete checkpoint in output_dir (as HF examples do, skipping any a killed save left
-    incomplete); refuse to train a finished run again or to overwrite a saved model."""
-    output_dir = Path(training_args.output_dir)
-    if not training_args.do_train or not output_dir.is_dir() or model_args.overwrite_output_dir:
-        return None
-    if training_args.resume_from_checkpoint is not None:
-        return None  # the user's choice
-    fresh_start = "pass --overwrite_output_dir to train from scratch, or choose another --output_dir"
-    if (output_dir / "train_results.json").is_file():
-        raise DataError(
-            f"--output_dir {output_dir} holds a finished training run (train_results.json): rerunning would train "
-            f"it again and overwrite its model. {fresh_start[0].upper()}{fresh_start[1:]} (or continue it with "
-            "--resume_from_checkpoint <its checkpoint> and a larger --max_steps)."
-        )
-    checkpoint, broken = find_resumable_checkpoint(output_dir)
-    for folder, problem in broken.items():
-        logger.warning(
-            f"{folder} is incomplete ({problem}), probably from a killed save: it is skipped; delete it."
-        )
-    if checkpoint is not None:
-        step = checkpoint_step(checkpoint)
-        if 0 < training_args.max_steps <= step:
-            raise DataError(
-                f"{checkpoint} is already at step {step}, which --max_steps {training_args.max_steps} does not "
-                f"exceed: nothing to train. Raise --max_steps to continue, or {fresh_start}."
-            )
-        logger.info(f"Checkpoint detected, resuming training at {checkpoint}.")
-        return str(checkpoint)
-    if broken:
-        raise DataError(
-            f"--output_dir {output_dir} holds only incomplete checkpoints ({', '.join(p.name for p in broken)}): "
-            f"delete them, or {fresh_start}."
-        )
-    saved = [p.name for p in output_dir.iterdir()]
-    if saved:
-        raise DataError(f"--output_dir {output_dir} already holds {sorted(saved)[:4]}; {fresh_start}.")
-    return None
-
-
-def check_checkpoint_labels(checkpoint: str | None, id2label: dict[int, str]) -> None:
-    """Resuming an output_dir trained on other labels would mix two tasks in one model: refuse."""
-    config = Path(checkpoint or "") / "config.json"
-    if checkpoint is None or not config.is_file():
-        return
-    saved = {int(k): v for k, v in json.loads(config.read_text()).get("id2label", {}).items()}
-    if saved and saved != id2label:
-        raise DataError(
-            f"{checkpoint} was trained on labels {list(saved.values())[:5]}..., the data has "
-            f"{list(id2label.values())[:5]}...: this --output_dir belongs to another dataset; choose another "
-            "--output_dir (or pass --overwrite_output_dir to replace it)."
-        )
 
 
 def accelerate_default_cpu_threads(launcher: psutil.Process | None = None) -> int | None:

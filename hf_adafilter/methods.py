@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import types
 
-import torch
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, PreTrainedModel
 
-from .arguments import AdaFilterArguments, BaselineArguments
+from .arguments import METHODS, AdaFilterArguments, BaselineArguments
 from .backbone_sources import resolve_backbone
 from .backbones import find_classifier_linear, get_family
 from .l2sp import L2SPPenalty
 from .lora import apply_lora
 from .modeling_adafilter import AdaFilterForImageClassification
-
-METHODS = ("adafilter", "finetune", "linear_probe", "l2sp", "lora", "bitfit")
 
 # `TrainingArguments` defaults per method for a small labelled image dataset, applied where the user sets nothing.
 # transformers' own (learning rate 5e-5, 3 epochs, batch 8, no warm-up) are made for transformer fine-tuning: with
@@ -108,7 +105,6 @@ def build_classifier(
         **hub_kwargs,
     )
     get_family(model.config.model_type).prepare(model)
-    freeze_identity_squeeze_excite(model)
     if method == "linear_probe":
         freeze_all_but_head(model)
     elif method == "bitfit":
@@ -133,23 +129,6 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters, each shared tensor once."""
     unique = {id(p): p for p in model.parameters()}.values()
     return sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique)
-
-
-def freeze_identity_squeeze_excite(model: nn.Module) -> None:
-    """Backbones without squeeze-excite (EfficientNet-Lite) carry HF SE blocks made an exact identity; they are
-    no parameters of the real network, so no method may train them (weight decay would erode the identity)."""
-    for name, module in model.named_modules():
-        if name.endswith("squeeze_excite") and _is_identity_squeeze_excite(module):
-            module.requires_grad_(False)
-
-
-def _is_identity_squeeze_excite(module: nn.Module) -> bool:
-    reduce, expand = getattr(module, "reduce", None), getattr(module, "expand", None)
-    if reduce is None or expand is None:
-        return False
-    return bool(
-        (reduce.weight == 0).all() and (expand.weight == 0).all() and torch.sigmoid(expand.bias).eq(1).all()
-    )
 
 
 def classifier_head(model: PreTrainedModel) -> nn.Linear:

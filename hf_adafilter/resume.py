@@ -7,9 +7,21 @@ A run killed mid-save leaves a `checkpoint-N` folder with a truncated or missing
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .data import DataError
+
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
+
+    from .arguments import ModelArguments
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
 TRAINER_STATE = "trainer_state.json"
@@ -77,3 +89,69 @@ def find_resumable_checkpoint(output_dir: Path) -> tuple[Path | None, dict[Path,
             return folder, broken
         broken[folder] = problem
     return None, broken
+
+
+def check_output_dir(output_dir: str) -> None:
+    """A file or an unwritable place fails now, not at the first save, after training."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise DataError(f"--output_dir {output_dir} is a file, not a folder: choose another --output_dir.")
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(
+            f"--output_dir {output_dir}: {existing} is not writable: choose another --output_dir."
+        )
+
+
+def detect_checkpoint(training_args: TrainingArguments, model_args: ModelArguments) -> str | None:
+    """Resume from the newest complete checkpoint in output_dir (as HF examples do, skipping any a killed save left
+    incomplete); refuse to train a finished run again or to overwrite a saved model."""
+    output_dir = Path(training_args.output_dir)
+    if not training_args.do_train or not output_dir.is_dir() or model_args.overwrite_output_dir:
+        return None
+    if training_args.resume_from_checkpoint is not None:
+        return None  # the user's choice
+    fresh_start = "pass --overwrite_output_dir to train from scratch, or choose another --output_dir"
+    if (output_dir / "train_results.json").is_file():
+        raise DataError(
+            f"--output_dir {output_dir} holds a finished training run (train_results.json): rerunning would train "
+            f"it again and overwrite its model. {fresh_start[0].upper()}{fresh_start[1:]} (or continue it with "
+            "--resume_from_checkpoint <its checkpoint> and a larger --max_steps)."
+        )
+    checkpoint, broken = find_resumable_checkpoint(output_dir)
+    for folder, problem in broken.items():
+        logger.warning(
+            f"{folder} is incomplete ({problem}), probably from a killed save: it is skipped; delete it."
+        )
+    if checkpoint is not None:
+        step = checkpoint_step(checkpoint)
+        if 0 < training_args.max_steps <= step:
+            raise DataError(
+                f"{checkpoint} is already at step {step}, which --max_steps {training_args.max_steps} does not "
+                f"exceed: nothing to train. Raise --max_steps to continue, or {fresh_start}."
+            )
+        logger.info(f"Checkpoint detected, resuming training at {checkpoint}.")
+        return str(checkpoint)
+    if broken:
+        raise DataError(
+            f"--output_dir {output_dir} holds only incomplete checkpoints ({', '.join(p.name for p in broken)}): "
+            f"delete them, or {fresh_start}."
+        )
+    saved = [p.name for p in output_dir.iterdir()]
+    if saved:
+        raise DataError(f"--output_dir {output_dir} already holds {sorted(saved)[:4]}; {fresh_start}.")
+    return None
+
+
+def check_checkpoint_labels(checkpoint: str | None, id2label: dict[int, str]) -> None:
+    """Resuming an output_dir trained on other labels would mix two tasks in one model: refuse."""
+    config = Path(checkpoint or "") / "config.json"
+    if checkpoint is None or not config.is_file():
+        return
+    saved = {int(k): v for k, v in json.loads(config.read_text()).get("id2label", {}).items()}
+    if saved and saved != id2label:
+        raise DataError(
+            f"{checkpoint} was trained on labels {list(saved.values())[:5]}..., the data has "
+            f"{list(id2label.values())[:5]}...: this --output_dir belongs to another dataset; choose another "
+            "--output_dir (or pass --overwrite_output_dir to replace it)."
+        )
