@@ -19,6 +19,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .compact import COMPACT_WEIGHTS_NAME, PACKAGE_INSTALL_HINT
 from .pretrained import is_packaged_backbone
+from .regularization import filter_weighted_mean
 
 __all__ = [
     "GATE_FRACTIONS_FILE",
@@ -124,8 +125,7 @@ def _gate_section(model: Any, gate_fractions: Mapping[str, float] | None, plot_f
         return "\n".join(lines)
     widths = {name: layer.out_channels for name, layer in layers.items()}
     known = [name for name in layers if name in gate_fractions]
-    total = sum(widths[name] for name in known) or 1
-    overall = sum(gate_fractions[name] * widths[name] for name in known) / total
+    overall = filter_weighted_mean([gate_fractions[name] for name in known], [widths[name] for name in known])
     lines += [
         f"On the validation set the gate network sends {overall:.1%} of the filters of the {len(layers)} gated "
         f"layers ({filters} filters) to the fine-tuned bank; the rest reuse the pre-trained filters.",

@@ -20,6 +20,13 @@ def finetuned_fraction(gates: Sequence[torch.Tensor]) -> torch.Tensor:
     return total / count
 
 
+def filter_weighted_mean(values: Sequence[float], widths: Sequence[int]) -> float:
+    """Per-layer shares (e.g. each layer's fine-tuned fraction) combined with every filter counted once, as
+    `finetuned_fraction` counts the raw gates; 0 for no filters."""
+    total = sum(widths)
+    return sum(value * width for value, width in zip(values, widths, strict=True)) / total if total else 0.0
+
+
 def finetuned_fraction_per_example(gates: Sequence[torch.Tensor]) -> torch.Tensor:
     """`finetuned_fraction` of each example of the batch: a (batch,) tensor."""
     return sum(g.flatten(1).sum(1) for g in gates) / sum(g[0].numel() for g in gates)

@@ -25,7 +25,7 @@ from .hub import (
     training_settings,
 )
 from .modeling_adafilter import AdaFilterModel, AdaFilterPreTrainedModel
-from .regularization import gate_regularization
+from .regularization import filter_weighted_mean, gate_regularization
 
 
 def _adafilter(model: nn.Module | None) -> AdaFilterModel | None:
@@ -222,28 +222,21 @@ class AdaFilterTrainer(Trainer):
         if not stats or adafilter is None:
             return {}
         stats = {key: self.accelerator.reduce(value, reduction="mean") for key, value in stats.items()}
-        per_layer = stats["finetuned_fraction"]
+        per_layer = stats["finetuned_fraction"].tolist()
         names, stages = adafilter.gated_layer_names, adafilter.gated_layer_stages
-        # Weigh layers by their filter count, as `finetuned_fraction` does.
-        widths = torch.tensor(
-            [layer.out_channels for layer in adafilter.gated_layers.values()],
-            dtype=per_layer.dtype,
-            device=per_layer.device,
-        )
+        widths = [layer.out_channels for layer in adafilter.gated_layers.values()]
         if prefix == "eval_":  # the validation split with learned gates, for the model card and plot
-            self.last_eval_gate_fractions = dict(zip(names, per_layer.tolist(), strict=True))
+            self.last_eval_gate_fractions = dict(zip(names, per_layer, strict=True))
         logs = {
-            f"{prefix}gates/{key}": float((value * widths).sum() / widths.sum())
+            f"{prefix}gates/{key}": filter_weighted_mean(value.tolist(), widths)
             for key, value in stats.items()
         }
         by_stage: dict[str, list[int]] = defaultdict(list)
         for index, stage in enumerate(stages):
             by_stage[stage].append(index)
         for stage, indices in by_stage.items():
-            selected = torch.tensor(indices, device=per_layer.device)
-            stage_widths = widths[selected]
-            logs[f"{prefix}gates/{stage}"] = float(
-                (per_layer[selected] * stage_widths).sum() / stage_widths.sum()
+            logs[f"{prefix}gates/{stage}"] = filter_weighted_mean(
+                [per_layer[i] for i in indices], [widths[i] for i in indices]
             )
         return logs
 
