@@ -20,6 +20,7 @@ from .batchnorm_ops import (
     is_plain_batchnorm,
     uses_batch_statistics,
 )
+from .configuration_adafilter import GATED_IMPLEMENTATIONS
 from .gated_inference import (
     FoldedBanks,
     fold_banks,
@@ -319,5 +320,5 @@ def _fast_or_reference(
 # The implementations of a gated layer's forward, by name: each maps (layer, input, gates) to the mixed output.
 GATED_FORWARDS: dict[str, Callable[[GatedLayer, torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "reference": lambda layer, hidden_states, gates: layer._reference_forward(hidden_states, gates),
-    **{name: _fast_or_reference(name) for name in ("fused", "merged", "auto")},
+    **{name: _fast_or_reference(name) for name in GATED_IMPLEMENTATIONS if name != "reference"},
 }

@@ -142,19 +142,14 @@ def classifier_head(model: PreTrainedModel) -> nn.Linear:
 def freeze_all_but_biases_norms_head(model: PreTrainedModel) -> None:
     """BitFit (Ben Zaken et al., 2022; for CNNs with the norms, as TinyTL): every conv and linear weight stays as
     pretrained; biases, norm affine parameters (their running statistics adapt) and the head train."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    model.requires_grad_(False)
     norms = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+    selected = {id(p) for p in classifier_head(model).parameters()}
     for module in model.modules():
         for parameter_name, parameter in module.named_parameters(recurse=False):
             if isinstance(module, norms) or parameter_name == "bias":
-                parameter.requires_grad_(True)
-    classifier_head(model).requires_grad_(True)
-    # What was frozen before (identity squeeze-excite) stays frozen.
-    trainable_ids = {id(p) for p in trainable}
-    for parameter in model.parameters():
-        if id(parameter) not in trainable_ids:
-            parameter.requires_grad_(False)
+                selected.add(id(parameter))
+    for parameter in model.parameters():  # what was frozen before (identity squeeze-excite) stays frozen
+        parameter.requires_grad_(parameter.requires_grad and id(parameter) in selected)
 
 
 def freeze_all_but_head(model: PreTrainedModel) -> None:

@@ -62,9 +62,8 @@ def checkpoint_problem(folder: Path) -> str | None:
     for path in weights:
         if (problem := safetensors_problem(path)) is not None:
             return f"{path.name}: {problem}"
-    for path in sorted(folder.glob("*.pt")) + sorted(
-        folder.glob("*.pth")
-    ):  # torch.save: a zip, directory last
+    torch_files = sorted([*folder.glob("*.pt"), *folder.glob("*.pth")])
+    for path in torch_files:  # torch.save writes a zip, its directory last: a truncated one is no zip
         if not zipfile.is_zipfile(path):
             return f"{path.name}: truncated or not a torch file"
     return None
