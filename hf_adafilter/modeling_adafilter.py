@@ -13,10 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import (
-    AutoImageProcessor,
     AutoModel,
     AutoModelForImageClassification,
-    PreTrainedConfig,
     PreTrainedModel,
 )
 from transformers import initialization as init
@@ -25,10 +23,10 @@ from transformers.modeling_outputs import (
     ImageClassifierOutputWithNoAttention,
 )
 
-from .backbone_sources import resolve_backbone
-from .backbones import find_classifier_linear, find_gate_targets, get_family, load_supported_backbone
+from .backbones import find_classifier_linear, find_gate_targets, get_family
 from .checkpointing import AdaFilterCheckpointMixin
 from .configuration_adafilter import AdaFilterConfig
+from .from_backbone import wrap_backbone
 from .gating import GateController
 from .layers import GatedLayer, apply_gated_implementation
 
@@ -188,7 +186,9 @@ class AdaFilterModel(AdaFilterPreTrainedModel):
         return self.gate_controller.parameters()
 
     def _frozen_backbone_parameters(self) -> dict[str, str]:
-        """What `apply_trainability` freezes: parameters of non-norm modules outside the fine-tuned banks."""
+        """The trainability rule, written once: frozen are the parameters of non-norm backbone modules outside the
+        fine-tuned banks (the pre-trained bank, ungated filters); the fine-tuned bank, every norm, the gate network
+        (and a wrapping classifier's head) train. Keys as in this model's state dict -> plain-backbone names."""
         finetuned = tuple(f"{name}.finetuned_layer." for name in self._gated)
         frozen = {}
         for module_name, module in self.backbone.named_modules():
@@ -201,19 +201,10 @@ class AdaFilterModel(AdaFilterPreTrainedModel):
         return frozen
 
     def apply_trainability(self) -> None:
-        for module in self.backbone.modules():
-            if isinstance(module, GatedLayer):
-                continue
-            trainable = _is_norm(module)
-            for parameter in module.parameters(recurse=False):
-                parameter.requires_grad_(trainable)
-        for layer in self._gated.values():
-            layer.base_layer.requires_grad_(False)
-            layer.finetuned_layer.requires_grad_(True)
-            for norm in (layer.base_norm, layer.finetuned_norm):
-                if norm is not None:
-                    norm.requires_grad_(True)
-        self.gate_controller.requires_grad_(True)
+        """Sets `requires_grad` by the one structural rule of `_frozen_backbone_parameters`."""
+        frozen = self._frozen_backbone_parameters()
+        for name, parameter in self.named_parameters():
+            parameter.requires_grad_(name not in frozen)
 
     @torch.no_grad()
     def sync_finetuned_bank(self) -> None:
@@ -251,8 +242,8 @@ class AdaFilterModel(AdaFilterPreTrainedModel):
 
     def pretrained_state_dict(self) -> dict[str, torch.Tensor]:
         """The frozen tensors (pre-trained bank and ungated filters) under their plain-backbone names."""
-        frozen = {name for name, p in self.backbone.named_parameters() if not p.requires_grad}
-        return {self.backbone_key(k): v for k, v in self.backbone.state_dict().items() if k in frozen}
+        state = self.state_dict()
+        return {name: state[key] for key, name in self._frozen_backbone_parameters().items()}
 
     def forward(
         self,
@@ -402,84 +393,22 @@ class AdaFilterForImageClassification(AdaFilterPreTrainedModel):
         `cache_dir` and `token` reach the backbone's download; `config_overrides` are `AdaFilterConfig` fields (an
         unknown key is an error).
         """
-        downloads = {"revision": revision, "cache_dir": cache_dir, "token": token}
-        source_model, name_or_path = load_supported_backbone(backbone, **downloads)
-        base = source_model.base_model
-        family = get_family(base.config.model_type)
-        source_head = (
-            find_classifier_linear(getattr(source_model, "classifier", None))
-            if source_model is not base
-            else None
-        )
-        if id2label is not None:
-            id2label = {int(k): v for k, v in id2label.items()}
-            if num_labels is not None and num_labels != len(id2label):
-                raise ValueError(f"num_labels={num_labels} but id2label has {len(id2label)} entries.")
-            num_labels = len(id2label)
-        keep_head = num_labels is None and source_head is not None
-        if num_labels is None:
-            if source_head is None:
-                raise ValueError(
-                    f"{name_or_path!r} has no classification head: pass num_labels= (or id2label=)."
-                )
-            num_labels = source_head.out_features
-            id2label = source_model.config.id2label
-        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
-            raise ValueError(f"num_labels must be a positive integer, got {num_labels!r}.")
-        if id2label is not None:
-            labels = {"id2label": id2label, "label2id": {label: index for index, label in id2label.items()}}
-        else:
-            labels = {"num_labels": num_labels}
-        config = AdaFilterConfig(
-            backbone_config=_backbone_config_dict(base.config),
-            backbone_name_or_path=name_or_path,
-            **labels,
+        return wrap_backbone(
+            cls,
+            backbone,
+            num_labels,
+            id2label,
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
             **config_overrides,
         )
-        if config.classifier_dropout is None:
-            config.classifier_dropout = float(family.classifier_dropout(base.config))
-        model = cls(config)
-        model.adafilter.load_backbone_state_dict(base.state_dict())
-        if keep_head:
-            with torch.no_grad():
-                model.classifier.weight.copy_(source_head.weight)
-                model.classifier.bias.copy_(source_head.bias)
-        # Saved with the model (`save_pretrained`); the Trainer's own processor, if any, is written after it.
-        model.image_processor = _backbone_image_processor(source_model, name_or_path, **downloads)
-        model.eval()
-        return model
-
-
-def _backbone_image_processor(source_model: PreTrainedModel, name_or_path: str | None, **hub_kwargs):
-    """The backbone's image processor, or None where it has none (a model built in memory, a folder without one)."""
-    location = name_or_path or source_model.config.name_or_path
-    if not location:
-        return None
-    try:
-        return AutoImageProcessor.from_pretrained(resolve_backbone(location), **hub_kwargs)
-    except (OSError, ValueError):
-        return None
 
 
 def _channels(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     return module.in_channels, module.out_channels
-
-
-def _backbone_config_dict(config: PreTrainedConfig) -> dict:
-    """The backbone's architecture only: its labels and head belong to the AdaFilter config."""
-    config_dict = config.to_dict()
-    for key in (
-        "id2label",
-        "label2id",
-        "architectures",
-        "problem_type",
-        "_name_or_path",
-        "transformers_version",
-    ):
-        config_dict.pop(key, None)
-    return config_dict
 
 
 def _check_pixel_values(pixel_values: torch.Tensor | None, num_channels: int, dtype: torch.dtype) -> None:

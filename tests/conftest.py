@@ -50,6 +50,7 @@ REMOTE_CODE_FILES = (
     "compact.py",
     "checkpointing.py",
     "backbone_sources.py",
+    "from_backbone.py",
     "bank_ops.py",
     "batchnorm_ops.py",
     "gated_training.py",
