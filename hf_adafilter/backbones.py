@@ -36,6 +36,12 @@ class BackboneFamily:
     prepare: Callable[[nn.Module], None] = lambda backbone: None
     # Stage ("stage1", ..., "head") of a module, for per-stage statistics like the paper's analysis.
     stage_of: Callable[[str, object], str] = lambda name, config: _stage_from_stages_index(name)
+    # Conv classes (by name) whose forward standardises the weight (per filter, with the module's `eps` and `pad`)
+    # before `F.conv2d`: the fast paths replicate that.
+    weight_standardized_convs: tuple[str, ...] = ()
+    # The image processor's own evaluation geometry where it is not the generic size/crop_size reading of
+    # `transforms.resolve_preprocessing`: processor -> (resize, crop or None, crop fraction).
+    eval_geometry: Callable[[object], tuple | None] = lambda processor: None
 
 
 def _stage_from_stages_index(name: str) -> str:
@@ -70,15 +76,11 @@ def _mobilenet_v2_stage(name: str, config) -> str:
     return _stage_from_block_counts(_MOBILENET_V2_STAGE_BLOCKS, r"^layer\.(\d+)\.", first_stage=2)(name)
 
 
-def sync_batchnorm_momentum(model: nn.Module) -> nn.Module:
-    """Gives every BatchNorm the config's momentum.
-
-    transformers builds EfficientNet's expansion BatchNorm without `momentum=config.batch_norm_momentum`, so those
-    layers keep PyTorch's 0.1 (ten times the 0.01 of all the others) and forget their statistics when fine-tuned.
-    """
-    momentum = model.config.batch_norm_momentum
+def set_batchnorm_momentum(model: nn.Module, momentum: float | None) -> nn.Module:
+    """Every BatchNorm's running-statistics momentum (PyTorch meaning). Norms kept in eval mode (the linear probe's
+    backbone) never update their statistics, so they are unaffected."""
     for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.momentum = momentum
     return model
 
@@ -101,9 +103,29 @@ def _is_identity_squeeze_excite(module: nn.Module) -> bool:
 
 
 def _prepare_efficientnet(model: nn.Module) -> nn.Module:
-    """Momentum made uniform, and the identity squeeze-excite of EfficientNet-Lite frozen (once weights are in)."""
-    freeze_identity_squeeze_excite(sync_batchnorm_momentum(model))
+    """Momentum made uniform, and the identity squeeze-excite of EfficientNet-Lite frozen (once weights are in).
+
+    transformers builds EfficientNet's expansion BatchNorm without `momentum=config.batch_norm_momentum`, so those
+    layers keep PyTorch's 0.1 (ten times the 0.01 of all the others) and forget their statistics when fine-tuned.
+    """
+    freeze_identity_squeeze_excite(set_batchnorm_momentum(model, model.config.batch_norm_momentum))
     return model
+
+
+# ConvNeXt's processor crops (by crop_pct) only below this size and warps at or above it.
+CONVNEXT_WARP_SIZE = 384
+
+
+def _convnext_eval_geometry(processor) -> tuple | None:
+    """ConvNeXt's processor: `shortest_edge` with `crop_pct` and no crop_size means resize to shortest / crop_pct
+    and center-crop to shortest below 384 px, a warp to shortest x shortest at or above."""
+    crop_pct, size = getattr(processor, "crop_pct", None), getattr(processor, "size", None)
+    shortest = size.get("shortest_edge") if hasattr(size, "get") else getattr(size, "shortest_edge", None)
+    if not (crop_pct and shortest) or getattr(processor, "crop_size", None) is not None:
+        return None
+    if shortest < CONVNEXT_WARP_SIZE:
+        return int(shortest / crop_pct), (shortest, shortest), crop_pct
+    return (shortest, shortest), None, crop_pct
 
 
 FAMILIES: dict[str, BackboneFamily] = {
@@ -133,6 +155,7 @@ FAMILIES: dict[str, BackboneFamily] = {
             model_type="convnext",
             default_exclude=(r"embeddings\..*",),
             gate_linear=True,
+            eval_geometry=_convnext_eval_geometry,
         ),
         BackboneFamily(
             model_type="regnet",
@@ -150,10 +173,28 @@ FAMILIES: dict[str, BackboneFamily] = {
         BackboneFamily(
             model_type="bit",
             default_exclude=(r"embedder\..*",),
+            weight_standardized_convs=("WeightStandardizedConv2d",),
         ),
     )
 }
 SUPPORTED_FAMILIES: tuple[str, ...] = tuple(FAMILIES)
+
+
+def weight_standardization_eps(module: nn.Module) -> float | None:
+    """The `eps` of a family's weight-standardised conv, None for any other module."""
+    name = type(module).__name__
+    if any(name in family.weight_standardized_convs for family in FAMILIES.values()):
+        return float(module.eps)
+    return None
+
+
+def family_eval_geometry(processor) -> tuple | None:
+    """A family-specific evaluation geometry of `processor` (see `BackboneFamily.eval_geometry`), or None."""
+    for family in FAMILIES.values():
+        geometry = family.eval_geometry(processor)
+        if geometry is not None:
+            return geometry
+    return None
 
 
 def get_family(model_type: str) -> BackboneFamily:

@@ -1,7 +1,7 @@
 """One filter bank as a functional op (conv or linear with every padding explicit), the gate network's pooled input,
 and both banks' outputs computed together: the building blocks of the gated layer's fast paths.
 
-Travels to the Hub as remote code: relative imports only, nothing beyond torch, transformers.
+Travels to the Hub as remote code: relative imports only, nothing beyond torch.
 """
 
 from __future__ import annotations
@@ -13,10 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:  # BiT's weight-standardised conv: its forward is not plain F.conv2d, so the fast paths replicate it.
-    from transformers.models.bit.modeling_bit import WeightStandardizedConv2d
-except ImportError:  # pragma: no cover - a transformers without BiT only loses the fast path for it
-    WeightStandardizedConv2d = None
+from .backbones import weight_standardization_eps
 
 
 @dataclass(frozen=True)
@@ -56,7 +53,7 @@ class BankOp:
         return positions
 
     def weight(self, module: nn.Module) -> torch.Tensor:
-        """The weight the module's forward actually uses (standardised for BiT)."""
+        """The weight the module's forward actually uses (standardised for weight-standardised convs)."""
         weight = module.weight
         if self.standardize_eps is None:
             return weight
@@ -158,11 +155,11 @@ def bank_op(module: nn.Module) -> BankOp | None:
         return BankOp(linear=True) if type(module).forward is nn.Linear.forward else None
     if not isinstance(module, nn.Conv2d) or len(module.kernel_size) != 2:
         return None
-    standardized = WeightStandardizedConv2d is not None and type(module) is WeightStandardizedConv2d
+    standardize_eps = weight_standardization_eps(module)
     plain = (
         type(module).forward is nn.Conv2d.forward and type(module)._conv_forward is nn.Conv2d._conv_forward
     )
-    if not (standardized or plain):
+    if not (standardize_eps is not None or plain):
         return None
     padding, input_pad, mode = _explicit_conv_padding(module)
     return BankOp(
@@ -173,7 +170,7 @@ def bank_op(module: nn.Module) -> BankOp | None:
         dilation=tuple(module.dilation),
         input_pad=input_pad,
         input_pad_mode=mode,
-        standardize_eps=float(module.eps) if standardized else None,
+        standardize_eps=standardize_eps,
     )
 
 

@@ -25,7 +25,7 @@ from transformers import EfficientNetConfig, EfficientNetForImageClassification
 from transformers.image_utils import PILImageResampling
 from transformers.models.efficientnet.image_processing_pil_efficientnet import EfficientNetImageProcessorPil
 
-from .backbones import sync_batchnorm_momentum
+from .backbones import get_family
 
 __all__ = [
     "PACKAGED_BACKBONES",
@@ -33,7 +33,6 @@ __all__ = [
     "is_packaged_backbone",
     "load_packaged_backbone",
     "packaged_backbone_path",
-    "sync_batchnorm_momentum",
 ]
 
 # Bump when the conversion itself changes, so caches written by older code are not reused.
@@ -236,7 +235,7 @@ def load_packaged_backbone(
     folder = packaged_backbone_path(alias, cache_dir)
     model = EfficientNetForImageClassification.from_pretrained(folder)
     processor = EfficientNetImageProcessorPil.from_pretrained(folder)
-    sync_batchnorm_momentum(model)
+    get_family(model.config.model_type).prepare(model)
     return model.eval(), processor
 
 

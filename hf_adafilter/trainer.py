@@ -16,6 +16,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from .arguments import AdaFilterArguments
+from .backbones import set_batchnorm_momentum
 from .hub import (
     GATE_FRACTIONS_FILE,
     PLOT_FILE,
@@ -50,14 +51,6 @@ def schedule_progress(step: int, max_steps: int) -> float:
 def gumbel_temperature_at(step: int, max_steps: int, start: float, end: float) -> float:
     """Geometric interpolation: equal ratios per step, so the late, low-temperature phase is not rushed."""
     return start * (end / start) ** schedule_progress(step, max_steps)
-
-
-def set_batchnorm_momentum(model: nn.Module, momentum: float) -> None:
-    """Every BatchNorm's running-statistics momentum (PyTorch meaning). Norms kept in eval mode (the linear probe's
-    backbone) never update their statistics, so they are unaffected."""
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.momentum = momentum
 
 
 def gate_noise_at(step: int, max_steps: int, start: float, end: float) -> float:
