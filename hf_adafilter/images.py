@@ -12,7 +12,7 @@ import datasets
 import numpy as np
 import PIL.Image
 
-from .data import DataError
+from .errors import DataError
 
 if TYPE_CHECKING:
     from .data import ImageClassificationData

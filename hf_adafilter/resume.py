@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .data import DataError
+from .errors import DataError
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments

@@ -25,13 +25,12 @@ import numpy as np
 import PIL.Image
 import torch
 
-from .data import DataError
+from .backbones import family_eval_geometry
+from .errors import DataError
 from .images import decode_image, to_rgb
 
 RANDOM_RESIZED_CROP_SCALE = (0.08, 1.0)
 RANDOM_RESIZED_CROP_RATIO = (3 / 4, 4 / 3)
-# ConvNeXt's processor crops (by crop_pct) only below this size and warps at or above it.
-CONVNEXT_WARP_SIZE = 384
 
 
 @dataclass(frozen=True)
@@ -56,7 +55,7 @@ def resolve_preprocessing(image_processor: Any, image_size: int | None = None) -
     """Read a transformers image processor's settings (no torchvision needed).
 
     At the processor's native size the evaluation geometry is exactly the processor's own
-    (including ConvNeXt's crop_pct rule and PoolFormer's resize). `image_size` replaces the crop
+    (a family's own rule from `BackboneFamily.eval_geometry`). `image_size` replaces the crop
     size and keeps the processor's crop fraction: resize the shortest edge to
     round(image_size / crop_pct), then center-crop.
     """
@@ -97,14 +96,15 @@ def _native_geometry(processor: Any) -> tuple[int | tuple[int, int], tuple[int, 
     shortest = _size_field(size, "shortest_edge")
     height, width = _size_field(size, "height"), _size_field(size, "width")
     crop_pct = getattr(processor, "crop_pct", None)
-    if crop_pct and shortest and crop_size is None:  # ConvNeXt
-        if shortest < CONVNEXT_WARP_SIZE:
-            return int(shortest / crop_pct), (shortest, shortest), crop_pct
-        return (shortest, shortest), None, crop_pct
+    family_geometry = family_eval_geometry(processor)
+    if family_geometry is not None:
+        return family_geometry
     if shortest:
         resize: int | tuple[int, int] = int(shortest / crop_pct) if crop_pct else shortest
     elif height and width:
-        if crop_pct:  # PoolFormer scales the target size by 1 / crop_pct
+        if (
+            crop_pct
+        ):  # a crop_pct with an exact size scales the size by 1 / crop_pct (transformers' processors)
             resize = (
                 int(height / crop_pct) if height == width else (int(height / crop_pct), int(width / crop_pct))
             )
@@ -132,7 +132,7 @@ def _per_channel(value: Any, default: float) -> np.ndarray:
 
 
 def _normalisation(processor: Any) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-    """Fold rescale, EfficientNet's offset and include_top, and mean/std into one affine map."""
+    """Fold rescale (with its offset), mean/std and a second division by std (`include_top`) into one affine map."""
     factor = (
         float(getattr(processor, "rescale_factor", 1 / 255))
         if getattr(processor, "do_rescale", True)
@@ -144,7 +144,7 @@ def _normalisation(processor: Any) -> tuple[tuple[float, float, float], tuple[fl
         std = _per_channel(getattr(processor, "image_std", None), 1.0)
     else:
         mean, std = np.zeros(3), np.ones(3)
-    if getattr(processor, "include_top", False):  # EfficientNet divides by std a second time
+    if getattr(processor, "include_top", False):  # the processor divides by std a second time
         std = std * _per_channel(getattr(processor, "image_std", None), 1.0)
     scale, shift = factor / std, -(offset + mean) / std
     return tuple(float(s) for s in scale), tuple(float(s) for s in shift)
@@ -299,16 +299,16 @@ def resize_image_processor(image_processor: Any, image_size: int) -> Any:
     shortest = _size_field(size, "shortest_edge")
     height, width = _size_field(size, "height"), _size_field(size, "width")
     crop_height = _size_field(crop_size, "height") if getattr(processor, "do_center_crop", True) else None
-    if shortest and crop_height:  # resize shortest edge, then crop (BiT, CLIP-style)
+    if shortest and crop_height:  # resize the shortest edge, then crop
         processor.size = {"shortest_edge": round(image_size * shortest / crop_height)}
-    elif shortest:  # ConvNeXt: the crop fraction lives in crop_pct
+    elif shortest:  # no crop size: any crop fraction lives in crop_pct
         processor.size = {"shortest_edge": image_size}
-    elif height and width and crop_height:  # warp, then crop (EfficientNet)
+    elif height and width and crop_height:  # warp, then crop
         processor.size = {
             "height": round(image_size * height / crop_height),
             "width": round(image_size * width / crop_height),
         }
-    elif height and width:  # warp only (ViT); PoolFormer scales it by 1 / crop_pct itself
+    elif height and width:  # warp only (a crop_pct scales it inside the processor)
         processor.size = {"height": image_size, "width": image_size}
     else:
         raise ValueError(
