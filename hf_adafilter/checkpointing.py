@@ -8,7 +8,6 @@ Travels to the Hub as remote code: relative imports only, nothing beyond hugging
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from .compact import (
     load_compact_state_dict,
     read_marker,
     remove_weight_files,
+    saved_marker,
 )
 
 # Saved configs carry all three entries, so remote code resolves AutoConfig, AutoModel and the classifier alike
@@ -76,7 +76,7 @@ class AdaFilterCheckpointMixin:
 
     @classmethod
     def _from_compact(cls, path, marker: dict, base_revision: str | None, *args, **kwargs):
-        """Rebuilds the frozen bank from the base, checks its checksum, adds the trained tensors, loads the whole
+        """Rebuilds the pre-trained bank from the base, checks its checksum, adds the trained tensors, loads the whole
         through transformers' own `state_dict=` path (dtype, device map, loading report as usual)."""
         download = download_kwargs(kwargs, pop=True)
         config = kwargs.pop("config", None)
@@ -106,7 +106,7 @@ class AdaFilterCheckpointMixin:
         """transformers' `save_pretrained` (safetensors only), or with `compact=True` a compact checkpoint: only what
         training changed, in `model.compact.safetensors`, plus `config.compact_base` naming the base backbone
         (`base_model`, default `config.backbone_name_or_path`; `base_revision` for a Hub base) and the sha256 of the
-        frozen bank. Saving one format removes the other's weights from the folder.
+        pre-trained bank. Saving one format removes the other's weights from the folder.
         """
         if self._auto_class is not None:
             self.config.auto_map = dict(AUTO_MAP)
@@ -159,11 +159,10 @@ class AdaFilterCheckpointMixin:
                 base_revision=base_revision,
                 max_shard_size=max_shard_size,
             )
-            with open(os.path.join(folder, "config.json"), encoding="utf-8") as handle:
-                marker = json.load(handle).get("compact_base")
+            marker = saved_marker(os.path.join(folder, "config.json"))
             if marker is not None and marker["source"] == "local":
                 raise ValueError(
-                    f"A compact checkpoint pushed to the Hub must rebuild its frozen bank from a shared base, but "
+                    f"A compact checkpoint pushed to the Hub must rebuild its pre-trained bank from a shared base, but "
                     f"{marker['name_or_path']!r} is a local folder. Push that backbone first and pass "
                     "base_model='org/backbone' (the checksum guards the match), or push a full checkpoint."
                 )

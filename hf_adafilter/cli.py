@@ -28,6 +28,7 @@ from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from .arguments import AdaFilterArguments, BaselineArguments, DataTrainingArguments, ModelArguments
 from .data import DataError, load_default_dataset, load_image_classification_data
+from .hub import GATE_FRACTIONS_FILE, PLOT_FILE
 from .images import check_images
 from .methods import (
     TRAINING_DEFAULTS,
@@ -303,8 +304,8 @@ def save_gate_analysis(trainer, output_dir: str) -> None:
     if not fractions or not trainer.is_world_process_zero():
         return
     stages = getattr(trainer.model, "gated_layer_stages", None)
-    (Path(output_dir) / "gate_fractions.json").write_text(json.dumps(fractions, indent=2) + "\n")
-    plot_gate_fractions(fractions, Path(output_dir) / "finetuned_fraction_per_layer.png", stages=stages)
+    (Path(output_dir) / GATE_FRACTIONS_FILE).write_text(json.dumps(fractions, indent=2) + "\n")
+    plot_gate_fractions(fractions, Path(output_dir) / PLOT_FILE, stages=stages)
 
 
 def model_card_kwargs(model_args: ModelArguments, data_args: DataTrainingArguments) -> dict:

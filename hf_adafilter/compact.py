@@ -109,7 +109,7 @@ def compact_save_plan(
     name = base_model or previous.get("name_or_path") or config.backbone_name_or_path
     if not name:
         raise ValueError(
-            "A compact checkpoint must name the backbone its frozen bank is rebuilt from, but "
+            "A compact checkpoint must name the backbone its pre-trained bank is rebuilt from, but "
             "config.backbone_name_or_path is not set (the model was not built with from_backbone(name)). "
             "Pass base_model='org/backbone' (or save a full checkpoint: compact=False)."
         )
@@ -159,6 +159,11 @@ def read_marker(
         )
         if config_file is None:
             return None  # transformers raises its own, familiar error right after
+    return saved_marker(config_file)
+
+
+def saved_marker(config_file: str | os.PathLike) -> dict[str, Any] | None:
+    """`compact_base` of a saved `config.json` (None: a full checkpoint)."""
     with open(config_file, encoding="utf-8") as handle:
         return json.load(handle).get("compact_base")
 

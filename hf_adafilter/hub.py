@@ -7,7 +7,6 @@ chose to fine-tune, and whether the checkpoint is full or compact (and what a co
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -17,7 +16,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from .compact import COMPACT_WEIGHTS_NAME, PACKAGE_INSTALL_HINT
+from .compact import COMPACT_WEIGHTS_NAME, PACKAGE_INSTALL_HINT, saved_marker
 from .pretrained import is_packaged_backbone
 from .regularization import filter_weighted_mean
 
@@ -248,8 +247,7 @@ def render_model_card(
 def push_model_card(model: Any, folder: str, card: ModelCard, repo_id: str) -> ModelCard:
     """The README of `model.push_to_hub`. A repo whose AdaFilter card came from training keeps it (its results and
     gate analysis still describe the model); only the checkpoint-format section is rewritten."""
-    with open(os.path.join(folder, "config.json"), encoding="utf-8") as handle:
-        compact_base = json.load(handle).get("compact_base")
+    compact_base = saved_marker(os.path.join(folder, "config.json"))
     if _CHECKPOINT_SECTION.search(card.content) and "adafilter" in (card.data.tags or []):
         content = _CHECKPOINT_SECTION.sub(lambda _: _checkpoint_section(compact_base), card.content)
         updated = ModelCard(content)
