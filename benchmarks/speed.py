@@ -383,11 +383,16 @@ def layer_sweep(settings: Settings, batches: tuple[int, ...] = (1, 32), repeats:
     generator = torch.Generator().manual_seed(0)
     for channels_in, channels_out, size, kernel, groups in SWEEP_LAYERS:
         shape = (channels_out, channels_in // groups, kernel, kernel)
-        weight_f, weight_s = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
-        bias_f, bias_s = torch.randn(channels_out), torch.randn(channels_out)
-        joined = torch.cat((weight_f, weight_s)) if groups == 1 else None
-        joined_bias = torch.cat((bias_f, bias_s)) if groups == 1 else None
-        folded = FoldedBanks((), weight_f, weight_s, bias_f, bias_s, joined, joined_bias)
+        weight_finetuned, weight_pretrained = (
+            torch.randn(shape, generator=generator),
+            torch.randn(shape, generator=generator),
+        )
+        bias_finetuned, bias_pretrained = torch.randn(channels_out), torch.randn(channels_out)
+        joined = torch.cat((weight_finetuned, weight_pretrained)) if groups == 1 else None
+        joined_bias = torch.cat((bias_finetuned, bias_pretrained)) if groups == 1 else None
+        folded = FoldedBanks(
+            (), weight_finetuned, weight_pretrained, bias_finetuned, bias_pretrained, joined, joined_bias
+        )
         op = BankOp(linear=False, groups=groups, padding=(kernel // 2, kernel // 2))
         for batch in batches:
             pixels = torch.randn(batch, channels_in, size, size, generator=generator)
@@ -402,7 +407,7 @@ def layer_sweep(settings: Settings, batches: tuple[int, ...] = (1, 32), repeats:
                     repeats=repeats,
                     device="cpu",
                 )
-            pick = "merged" if prefer_merged(op, weight_f, size * size, batch) else "two-bank"
+            pick = "merged" if prefer_merged(op, weight_finetuned, size * size, batch) else "two-bank"
             faster = min(seconds, key=seconds.get)
             rows.append(
                 f"| {channels_in} -> {channels_out}, {size}x{size}, {kernel}x{kernel}, {groups} | {batch} "

@@ -1,5 +1,5 @@
 """Inference fast paths of the gated layer: each BatchNorm folded into its bank, then per example either one merged
-kernel (`S' + g * (F' - S')`, one convolution per layer like the plain backbone) or both banks and a select, as a
+kernel (`pretrained + g * (finetuned - pretrained)`, one convolution per layer like the plain backbone) or both banks and a select, as a
 cost model decides.
 
 Travels to the Hub as remote code: relative imports only, nothing beyond torch.
@@ -23,11 +23,11 @@ class FoldedBanks:
     """Both banks with their (eval-mode) BatchNorms folded in, cached between inference calls."""
 
     key: tuple
-    weight_f: torch.Tensor
-    weight_s: torch.Tensor
-    bias_f: torch.Tensor | None
-    bias_s: torch.Tensor | None
-    # Both banks in one tensor (groups == 1); weight_f / weight_s are then its halves, not copies.
+    weight_finetuned: torch.Tensor
+    weight_pretrained: torch.Tensor
+    bias_finetuned: torch.Tensor | None
+    bias_pretrained: torch.Tensor | None
+    # Both banks in one tensor (groups == 1); weight_finetuned / weight_pretrained are then its halves, not copies.
     joined_weight: torch.Tensor | None = None
     joined_bias: torch.Tensor | None = None
 
@@ -51,35 +51,49 @@ def fold_banks(
     Without gated norm both banks get the shared norm: BatchNorm is per-channel affine, so normalising the mixture
     equals mixing the normalised banks.
     """
-    weight_f, bias_f = fold_batchnorm(op.weight(finetuned), finetuned.bias, finetuned_norm)
-    weight_s, bias_s = fold_batchnorm(op.weight(pretrained), pretrained.bias, pretrained_norm)
-    if (bias_f is None) != (bias_s is None):
-        bias_f = bias_f if bias_f is not None else torch.zeros_like(bias_s)
-        bias_s = bias_s if bias_s is not None else torch.zeros_like(bias_f)
+    weight_finetuned, bias_finetuned = fold_batchnorm(op.weight(finetuned), finetuned.bias, finetuned_norm)
+    weight_pretrained, bias_pretrained = fold_batchnorm(
+        op.weight(pretrained), pretrained.bias, pretrained_norm
+    )
+    if (bias_finetuned is None) != (bias_pretrained is None):
+        bias_finetuned = bias_finetuned if bias_finetuned is not None else torch.zeros_like(bias_pretrained)
+        bias_pretrained = bias_pretrained if bias_pretrained is not None else torch.zeros_like(bias_finetuned)
     if op.groups != 1:
-        return FoldedBanks(key, weight_f, weight_s, bias_f, bias_s)
-    channels = weight_f.shape[0]
-    joined_weight = torch.cat((weight_f, weight_s))
-    joined_bias = torch.cat((bias_f, bias_s)) if bias_f is not None else None
-    weight_f, weight_s = joined_weight.split(channels)
-    bias_f, bias_s = joined_bias.split(channels) if joined_bias is not None else (None, None)
-    return FoldedBanks(key, weight_f, weight_s, bias_f, bias_s, joined_weight, joined_bias)
+        return FoldedBanks(key, weight_finetuned, weight_pretrained, bias_finetuned, bias_pretrained)
+    channels = weight_finetuned.shape[0]
+    joined_weight = torch.cat((weight_finetuned, weight_pretrained))
+    joined_bias = torch.cat((bias_finetuned, bias_pretrained)) if bias_finetuned is not None else None
+    weight_finetuned, weight_pretrained = joined_weight.split(channels)
+    bias_finetuned, bias_pretrained = joined_bias.split(channels) if joined_bias is not None else (None, None)
+    return FoldedBanks(
+        key, weight_finetuned, weight_pretrained, bias_finetuned, bias_pretrained, joined_weight, joined_bias
+    )
 
 
 def merged_forward(
     op: BankOp, hidden_states: torch.Tensor, gates: torch.Tensor, folded: FoldedBanks
 ) -> torch.Tensor:
-    """One kernel per layer: example n uses `S' + g_n * (F' - S')` per filter (`lerp` returns an endpoint exactly,
-    so a 0/1 gate picks F' or S' bit for bit), as a grouped conv over the batch when n > 1."""
+    """One kernel per layer: example n uses `pretrained + g_n * (finetuned - pretrained)` per filter (`lerp` returns an endpoint exactly,
+    so a 0/1 gate picks the fine-tuned or pre-trained kernel bit for bit), as a grouped conv over the batch when n > 1."""
     batch = hidden_states.shape[0]
-    trailing = [1] * (folded.weight_f.ndim - 1)
-    gates = gates.to(folded.weight_f.dtype)
+    trailing = [1] * (folded.weight_finetuned.ndim - 1)
+    gates = gates.to(folded.weight_finetuned.dtype)
     if batch == 1:
-        weight = torch.lerp(folded.weight_s, folded.weight_f, gates.view(-1, *trailing))
-        bias = torch.lerp(folded.bias_s, folded.bias_f, gates[0]) if folded.bias_f is not None else None
+        weight = torch.lerp(folded.weight_pretrained, folded.weight_finetuned, gates.view(-1, *trailing))
+        bias = (
+            torch.lerp(folded.bias_pretrained, folded.bias_finetuned, gates[0])
+            if folded.bias_finetuned is not None
+            else None
+        )
         return op(hidden_states, weight, bias)
-    weight = torch.lerp(folded.weight_s, folded.weight_f, gates.view(*gates.shape, *trailing))
-    bias = torch.lerp(folded.bias_s, folded.bias_f, gates) if folded.bias_f is not None else None
+    weight = torch.lerp(
+        folded.weight_pretrained, folded.weight_finetuned, gates.view(*gates.shape, *trailing)
+    )
+    bias = (
+        torch.lerp(folded.bias_pretrained, folded.bias_finetuned, gates)
+        if folded.bias_finetuned is not None
+        else None
+    )
     if op.linear:
         flat = hidden_states.reshape(batch, -1, hidden_states.shape[-1])
         if bias is None:
@@ -105,14 +119,17 @@ def two_bank_forward(
     """Both folded banks (one kernel when they can be joined), then a per-filter select."""
     if folded.joined_weight is not None:
         joined = op(hidden_states, folded.joined_weight, folded.joined_bias)
-        channels = folded.weight_f.shape[0]
+        channels = folded.weight_finetuned.shape[0]
         dim = -1 if op.linear else 1
-        out_f, out_s = joined.narrow(dim, 0, channels), joined.narrow(dim, channels, channels)
+        out_finetuned, out_pretrained = (
+            joined.narrow(dim, 0, channels),
+            joined.narrow(dim, channels, channels),
+        )
     else:
-        out_f = op(hidden_states, folded.weight_f, folded.bias_f)
-        out_s = op(hidden_states, folded.weight_s, folded.bias_s)
-    shape = BankShape(op.linear, out_f.ndim)
-    return torch.lerp(out_s, out_f, shape.per_example(gates.to(out_f.dtype)))
+        out_finetuned = op(hidden_states, folded.weight_finetuned, folded.bias_finetuned)
+        out_pretrained = op(hidden_states, folded.weight_pretrained, folded.bias_pretrained)
+    shape = BankShape(op.linear, out_finetuned.ndim)
+    return torch.lerp(out_pretrained, out_finetuned, shape.per_example(gates.to(out_finetuned.dtype)))
 
 
 def prefer_merged(op: BankOp, weight: torch.Tensor, output_positions: int, batch: int) -> bool:

@@ -2,7 +2,7 @@
 
 The reference forward (two module calls, two BatchNorms, an elementwise mix, each saving its own tensors) costs
 about twice plain fine-tuning. Here one kernel runs over the concatenated banks where that is faster (dense layers
-with large activations), the frozen bank never gets a weight gradient, backward keeps only the banks' centred
+with large activations), the pre-trained bank never gets a weight gradient, backward keeps only the banks' centred
 pre-norm outputs, and the BatchNorm and gate gradients come from per-(example, channel) sums instead of extra
 full-size tensors.
 
@@ -33,17 +33,17 @@ class FusedSpec:
     norm: NormSpec | None
     # One kernel over concatenated banks (groups == 1) rather than one per bank. Backward then still takes the
     # weight gradient of the fine-tuned bank alone (from a contiguous copy of its output gradient) unless the
-    # frozen bank wants one too, rather than of the concatenated weight, half of which would be discarded.
+    # pre-trained bank wants one too, rather than of the concatenated weight, half of which would be discarded.
     join: bool
 
 
 class FusedGatedBanks(torch.autograd.Function):
-    """`gates * F'(x) + (1 - gates) * S'(x)` with each bank's BatchNorm, as one function with a hand-written backward.
+    """`gates * finetuned(x) + (1 - gates) * pretrained(x)` with each bank's BatchNorm, as one function with a hand-written backward.
 
     Against the reference (two module calls, two BatchNorms, a mix, each saving its own tensors) it keeps only the
     banks' centred pre-norm outputs and per-channel statistics for backward, normalises and mixes in three
     elementwise passes without materialising the normalised banks, derives the gate and BatchNorm gradients from
-    three per-(example, channel) reductions, and never computes the frozen bank's weight gradient. Running statistics are updated by the same ATen kernel
+    three per-(example, channel) reductions, and never computes the pre-trained bank's weight gradient. Running statistics are updated by the same ATen kernel
     (`batch_norm_update_stats`) that `native_batch_norm` uses, so they match the reference bit for bit.
     """
 
@@ -52,62 +52,69 @@ class FusedGatedBanks(torch.autograd.Function):
         ctx,
         hidden_states: torch.Tensor,
         gates: torch.Tensor,
-        weight_f: torch.Tensor,
-        weight_s: torch.Tensor,
-        bias_f: torch.Tensor | None,
-        bias_s: torch.Tensor | None,
-        gamma_f: torch.Tensor | None,
-        beta_f: torch.Tensor | None,
-        gamma_s: torch.Tensor | None,
-        beta_s: torch.Tensor | None,
-        running_f: tuple[torch.Tensor | None, torch.Tensor | None],
-        running_s: tuple[torch.Tensor | None, torch.Tensor | None],
+        weight_finetuned: torch.Tensor,
+        weight_pretrained: torch.Tensor,
+        bias_finetuned: torch.Tensor | None,
+        bias_pretrained: torch.Tensor | None,
+        gamma_finetuned: torch.Tensor | None,
+        beta_finetuned: torch.Tensor | None,
+        gamma_pretrained: torch.Tensor | None,
+        beta_pretrained: torch.Tensor | None,
+        running_finetuned: tuple[torch.Tensor | None, torch.Tensor | None],
+        running_pretrained: tuple[torch.Tensor | None, torch.Tensor | None],
         spec: FusedSpec,
     ) -> torch.Tensor:
-        (out_f, out_s), joined, joined_weight = run_banks(
-            spec.op, hidden_states, (weight_f, weight_s), (bias_f, bias_s), spec.join
+        (out_finetuned, out_pretrained), joined, joined_weight = run_banks(
+            spec.op,
+            hidden_states,
+            (weight_finetuned, weight_pretrained),
+            (bias_finetuned, bias_pretrained),
+            spec.join,
         )
         ctx.joined_weight = joined_weight  # not an input: plain attribute, freed with ctx
-        shape = BankShape(spec.op.linear, out_f.ndim)
+        shape = BankShape(spec.op.linear, out_finetuned.ndim)
         ctx.spec, ctx.shape, ctx.joined_shape = spec, shape, None if joined is None else joined.shape
-        ctx.has_bias = bias_f is not None
+        ctx.has_bias = bias_finetuned is not None
         if spec.norm is None:
-            mixed = torch.lerp(out_s, out_f, shape.per_example(gates))
+            mixed = torch.lerp(out_pretrained, out_finetuned, shape.per_example(gates))
             # Without a norm the backward needs the banks' outputs only for the gate gradient, and only their
             # difference.
-            difference = out_f - out_s if ctx.needs_input_grad[1] else None
-            ctx.save_for_backward(hidden_states, gates, weight_f, weight_s, difference)
+            difference = out_finetuned - out_pretrained if ctx.needs_input_grad[1] else None
+            ctx.save_for_backward(hidden_states, gates, weight_finetuned, weight_pretrained, difference)
             return mixed
         norm = spec.norm
-        mean_f, invstd_f = _bank_statistics(out_f, running_f, norm)
-        mean_s, invstd_s = _bank_statistics(out_s, running_s, norm)
+        mean_finetuned, invstd_finetuned = _bank_statistics(out_finetuned, running_finetuned, norm)
+        mean_pretrained, invstd_pretrained = _bank_statistics(out_pretrained, running_pretrained, norm)
         # Centre in place (the conv outputs are this function's own): the backward reductions then see (y - mean)
         # like native BatchNorm's, without cancellation when the mean dwarfs the spread.
-        out_f.sub_(shape.per_channel(mean_f.to(out_f.dtype)))
-        out_s.sub_(shape.per_channel(mean_s.to(out_s.dtype)))
-        scale_f, scale_s = _times(gamma_f, invstd_f), _times(gamma_s, invstd_s)
-        coefficient_f = gates * scale_f
-        coefficient_s = (1 - gates) * scale_s
-        dtype = out_f.dtype
+        out_finetuned.sub_(shape.per_channel(mean_finetuned.to(out_finetuned.dtype)))
+        out_pretrained.sub_(shape.per_channel(mean_pretrained.to(out_pretrained.dtype)))
+        scale_finetuned, scale_pretrained = (
+            _times(gamma_finetuned, invstd_finetuned),
+            _times(gamma_pretrained, invstd_pretrained),
+        )
+        coefficient_finetuned = gates * scale_finetuned
+        coefficient_pretrained = (1 - gates) * scale_pretrained
+        dtype = out_finetuned.dtype
         # Binary ops and addcmul_ with one broadcast operand: these stay vectorised (addcmul with two broadcast
         # operands does not, and runs 1.5-2x slower on CPU).
-        mixed = torch.mul(out_f, shape.per_example(coefficient_f.to(dtype)))
-        mixed.addcmul_(shape.per_example(coefficient_s.to(dtype)), out_s)
-        if beta_f is not None:
-            mixed.add_(shape.per_example((gates * beta_f + (1 - gates) * beta_s).to(dtype)))
+        mixed = torch.mul(out_finetuned, shape.per_example(coefficient_finetuned.to(dtype)))
+        mixed.addcmul_(shape.per_example(coefficient_pretrained.to(dtype)), out_pretrained)
+        if beta_finetuned is not None:
+            mixed.add_(shape.per_example((gates * beta_finetuned + (1 - gates) * beta_pretrained).to(dtype)))
         ctx.save_for_backward(
             hidden_states,
             gates,
-            weight_f,
-            weight_s,
-            out_f,
-            out_s,
-            invstd_f,
-            invstd_s,
-            gamma_f,
-            beta_f,
-            gamma_s,
-            beta_s,
+            weight_finetuned,
+            weight_pretrained,
+            out_finetuned,
+            out_pretrained,
+            invstd_finetuned,
+            invstd_pretrained,
+            gamma_finetuned,
+            beta_finetuned,
+            gamma_pretrained,
+            beta_pretrained,
         )
         return mixed
 
@@ -119,10 +126,16 @@ class FusedGatedBanks(torch.autograd.Function):
             grads = _mix_backward(ctx, grad_mixed)
         else:
             grads = _normalized_mix_backward(ctx, grad_mixed)
-        (joined, grad_bank_f, grad_bank_s), grad_gates, norm_grads = grads
-        hidden_states, _, weight_f, weight_s = ctx.saved_tensors[:4]
+        (joined, grad_bank_finetuned, grad_bank_pretrained), grad_gates, norm_grads = grads
+        hidden_states, _, weight_finetuned, weight_pretrained = ctx.saved_tensors[:4]
         grad_input, grad_weights, grad_biases = _banks_backward(
-            ctx, joined, grad_bank_f, grad_bank_s, hidden_states, weight_f, weight_s
+            ctx,
+            joined,
+            grad_bank_finetuned,
+            grad_bank_pretrained,
+            hidden_states,
+            weight_finetuned,
+            weight_pretrained,
         )
         return (
             grad_input,
@@ -165,14 +178,14 @@ def _bank_gradient_buffers(ctx, like: torch.Tensor) -> tuple[torch.Tensor | None
 def _mix_backward(ctx, grad_mixed: torch.Tensor):
     gates, difference = ctx.saved_tensors[1], ctx.saved_tensors[4]
     shape: BankShape = ctx.shape
-    buffers = joined, grad_f, grad_s = _bank_gradient_buffers(ctx, grad_mixed)
+    buffers = joined, grad_finetuned, grad_pretrained = _bank_gradient_buffers(ctx, grad_mixed)
     grad_gates = None
     if ctx.needs_input_grad[1]:
         # The gradient buffer doubles as scratch space: no extra full-size allocation.
-        grad_gates = shape.spatial_sum(torch.mul(grad_mixed, difference, out=grad_f)).to(gates.dtype)
+        grad_gates = shape.spatial_sum(torch.mul(grad_mixed, difference, out=grad_finetuned)).to(gates.dtype)
     weight = shape.per_example(gates.to(grad_mixed.dtype))
-    torch.mul(grad_mixed, weight, out=grad_f)
-    torch.mul(grad_mixed, 1 - weight, out=grad_s)
+    torch.mul(grad_mixed, weight, out=grad_finetuned)
+    torch.mul(grad_mixed, 1 - weight, out=grad_pretrained)
     return buffers, grad_gates, (None, None, None, None)
 
 
@@ -180,30 +193,65 @@ def _normalized_mix_backward(ctx, grad_mixed: torch.Tensor):
     """Backward of the normalised mix. With per-(example, channel) sums A = sum(dy), P_b = sum(dy * (y_b - mean_b))
     every gradient is closed-form: the gate's is sum(dy * (z_F - z_S)), each BatchNorm's the standard batch-norm
     backward of the bank's share (gate-weighted) of dy."""
-    gates, centred_f, centred_s = ctx.saved_tensors[1], *ctx.saved_tensors[4:6]
-    invstd_f, invstd_s, gamma_f, beta_f, gamma_s, beta_s = ctx.saved_tensors[6:]
+    gates, centred_finetuned, centred_pretrained = ctx.saved_tensors[1], *ctx.saved_tensors[4:6]
+    (
+        invstd_finetuned,
+        invstd_pretrained,
+        gamma_finetuned,
+        beta_finetuned,
+        gamma_pretrained,
+        beta_pretrained,
+    ) = ctx.saved_tensors[6:]
     spec: FusedSpec = ctx.spec
     shape: BankShape = ctx.shape
     needs = ctx.needs_input_grad
     buffers = _bank_gradient_buffers(ctx, grad_mixed)
     total = shape.spatial_sum(grad_mixed)
     # sum(dy * xhat_b), with the gradient buffers as scratch space for the products.
-    projected_f = shape.spatial_sum(torch.mul(grad_mixed, centred_f, out=buffers[1])) * invstd_f
-    projected_s = shape.spatial_sum(torch.mul(grad_mixed, centred_s, out=buffers[2])) * invstd_s
-    share_f = gates.to(accumulation_dtype(gates.dtype))
-    share_s = 1 - share_f
+    projected_finetuned = (
+        shape.spatial_sum(torch.mul(grad_mixed, centred_finetuned, out=buffers[1])) * invstd_finetuned
+    )
+    projected_pretrained = (
+        shape.spatial_sum(torch.mul(grad_mixed, centred_pretrained, out=buffers[2])) * invstd_pretrained
+    )
+    share_finetuned = gates.to(accumulation_dtype(gates.dtype))
+    share_pretrained = 1 - share_finetuned
     grad_gates = None
     if needs[1]:
-        grad_gates = _times(gamma_f, projected_f) - _times(gamma_s, projected_s)
-        if beta_f is not None:
-            grad_gates = grad_gates + (beta_f - beta_s) * total
+        grad_gates = _times(gamma_finetuned, projected_finetuned) - _times(
+            gamma_pretrained, projected_pretrained
+        )
+        if beta_finetuned is not None:
+            grad_gates = grad_gates + (beta_finetuned - beta_pretrained) * total
         grad_gates = grad_gates.to(gates.dtype)
-    grad_beta_f, grad_beta_s = (share_f * total).sum(0), (share_s * total).sum(0)
-    grad_gamma_f, grad_gamma_s = (share_f * projected_f).sum(0), (share_s * projected_s).sum(0)
+    grad_beta_finetuned, grad_beta_pretrained = (
+        (share_finetuned * total).sum(0),
+        (share_pretrained * total).sum(0),
+    )
+    grad_gamma_finetuned, grad_gamma_pretrained = (
+        (share_finetuned * projected_finetuned).sum(0),
+        (share_pretrained * projected_pretrained).sum(0),
+    )
     count = grad_mixed.numel() // grad_mixed.shape[shape.channel_dim]
     for grad, centred, share, invstd, gamma, grad_gamma, grad_beta in (
-        (buffers[1], centred_f, share_f, invstd_f, gamma_f, grad_gamma_f, grad_beta_f),
-        (buffers[2], centred_s, share_s, invstd_s, gamma_s, grad_gamma_s, grad_beta_s),
+        (
+            buffers[1],
+            centred_finetuned,
+            share_finetuned,
+            invstd_finetuned,
+            gamma_finetuned,
+            grad_gamma_finetuned,
+            grad_beta_finetuned,
+        ),
+        (
+            buffers[2],
+            centred_pretrained,
+            share_pretrained,
+            invstd_pretrained,
+            gamma_pretrained,
+            grad_gamma_pretrained,
+            grad_beta_pretrained,
+        ),
     ):
         scale = _times(gamma, invstd)
         _batchnorm_input_grad(
@@ -219,19 +267,21 @@ def _normalized_mix_backward(ctx, grad_mixed: torch.Tensor):
             spec.norm,
             shape,
         )
-    affine = gamma_f is not None
+    affine = gamma_finetuned is not None
     norm_grads = (
-        grad_gamma_f if affine and needs[6] else None,
-        grad_beta_f if affine and needs[7] else None,
-        grad_gamma_s if affine and needs[8] else None,
-        grad_beta_s if affine and needs[9] else None,
+        grad_gamma_finetuned if affine and needs[6] else None,
+        grad_beta_finetuned if affine and needs[7] else None,
+        grad_gamma_pretrained if affine and needs[8] else None,
+        grad_beta_pretrained if affine and needs[9] else None,
     )
     return (
         buffers,
         grad_gates,
         tuple(
             g.to(p.dtype) if g is not None else None
-            for g, p in zip(norm_grads, (gamma_f, beta_f, gamma_s, beta_s), strict=True)
+            for g, p in zip(
+                norm_grads, (gamma_finetuned, beta_finetuned, gamma_pretrained, beta_pretrained), strict=True
+            )
         ),
     )
 
@@ -265,39 +315,51 @@ def _batchnorm_input_grad(
 def _banks_backward(
     ctx,
     joined: torch.Tensor | None,
-    grad_f: torch.Tensor,
-    grad_s: torch.Tensor,
+    grad_finetuned: torch.Tensor,
+    grad_pretrained: torch.Tensor,
     hidden_states: torch.Tensor,
-    weight_f: torch.Tensor,
-    weight_s: torch.Tensor,
+    weight_finetuned: torch.Tensor,
+    weight_pretrained: torch.Tensor,
 ) -> tuple[torch.Tensor | None, tuple, tuple]:
     """Input gradient through both banks; weight (and bias) gradients only for banks that require them."""
     spec: FusedSpec = ctx.spec
     op, has_bias, needs = spec.op, ctx.has_bias, ctx.needs_input_grad
-    want_f, want_s = needs[2] or needs[4], needs[3] or needs[5]
+    want_finetuned, want_pretrained = needs[2] or needs[4], needs[3] or needs[5]
     if joined is None:
-        grad_input, grad_weight_f, grad_bias_f = op.backward(
-            grad_f, hidden_states, weight_f, has_bias, (needs[0], want_f, want_f)
+        grad_input, grad_weight_finetuned, grad_bias_finetuned = op.backward(
+            grad_finetuned,
+            hidden_states,
+            weight_finetuned,
+            has_bias,
+            (needs[0], want_finetuned, want_finetuned),
         )
-        grad_input_s, grad_weight_s, grad_bias_s = op.backward(
-            grad_s, hidden_states, weight_s, has_bias, (needs[0], want_s, want_s)
+        grad_input_pretrained, grad_weight_pretrained, grad_bias_pretrained = op.backward(
+            grad_pretrained,
+            hidden_states,
+            weight_pretrained,
+            has_bias,
+            (needs[0], want_pretrained, want_pretrained),
         )
         if grad_input is not None:
-            grad_input = grad_input.add_(grad_input_s)
-        return grad_input, (grad_weight_f, grad_weight_s), (grad_bias_f, grad_bias_s)
-    weight = ctx.joined_weight
-    if want_s:
-        grad_input, grad_weight, grad_bias = op.backward(
-            joined, hidden_states, weight, has_bias, (needs[0], want_f or want_s, True)
+            grad_input = grad_input.add_(grad_input_pretrained)
+        return (
+            grad_input,
+            (grad_weight_finetuned, grad_weight_pretrained),
+            (grad_bias_finetuned, grad_bias_pretrained),
         )
-        channels = weight_f.shape[0]
+    weight = ctx.joined_weight
+    if want_pretrained:
+        grad_input, grad_weight, grad_bias = op.backward(
+            joined, hidden_states, weight, has_bias, (needs[0], want_finetuned or want_pretrained, True)
+        )
+        channels = weight_finetuned.shape[0]
         grad_weights = grad_weight.split(channels) if grad_weight is not None else (None, None)
         grad_biases = grad_bias.split(channels) if grad_bias is not None else (None, None)
         return grad_input, tuple(grad_weights), tuple(grad_biases)
     grad_input = op.backward(joined, hidden_states, weight, False, (needs[0], False, False))[0]
-    if not want_f:
+    if not want_finetuned:
         return grad_input, (None, None), (None, None)
-    _, grad_weight_f, grad_bias_f = op.backward(
-        grad_f.contiguous(), hidden_states, weight_f, has_bias, (False, True, True)
+    _, grad_weight_finetuned, grad_bias_finetuned = op.backward(
+        grad_finetuned.contiguous(), hidden_states, weight_finetuned, has_bias, (False, True, True)
     )
-    return grad_input, (grad_weight_f, None), (grad_bias_f, None)
+    return grad_input, (grad_weight_finetuned, None), (grad_bias_finetuned, None)

@@ -105,8 +105,6 @@ class GatedLayer(nn.Module):
         self.finetuned_layer = copy.deepcopy(base_layer)
         self.base_norm = norm
         self.finetuned_norm = copy.deepcopy(norm) if norm is not None and gated_norm else None
-        self.base_layer.requires_grad_(False)
-        self.finetuned_layer.requires_grad_(True)
         # Linear layers see channels-last input (ConvNeXt's pointwise convs); convs see NCHW.
         self.channels_last = isinstance(base_layer, nn.Linear)
         self.layer_index = -1
@@ -261,8 +259,8 @@ class GatedLayer(nn.Module):
         hidden_states = op.prepare(self._modules["base_layer"], hidden_states)
         merged = implementation == "merged"
         if implementation == "auto":
-            positions = op.output_positions(hidden_states, folded.weight_f.shape[2:])
-            merged = prefer_merged(op, folded.weight_f, positions, hidden_states.shape[0])
+            positions = op.output_positions(hidden_states, folded.weight_finetuned.shape[2:])
+            merged = prefer_merged(op, folded.weight_finetuned, positions, hidden_states.shape[0])
         if merged:
             return merged_forward(op, hidden_states, gates, folded)
         return two_bank_forward(op, hidden_states, gates, folded)
