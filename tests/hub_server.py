@@ -6,21 +6,20 @@ Why: the test machines have no internet, yet the plugin must be tested end to en
 response shapes of ``huggingface_hub`` 2.x (read from its source: ``hf_api.py``, ``_commit_api.py``,
 ``lfs.py``, ``file_download.py``, ``utils/_http.py``):
 
-* ``GET  /api/whoami-v2``                                  any bearer token is user ``tester``
-* ``POST /api/repos/create``, ``DELETE /api/repos/delete``
+* ``POST /api/repos/create``
 * ``POST /api/validate-yaml``                              model cards are accepted as they are
 * ``GET  /api/{models,datasets,spaces}/<repo>[/revision/<rev>]``   repo info (sha, siblings, cardData, ...)
 * ``GET  /api/<type>s/<repo>/tree/<rev>[/<path>]``         ``list_repo_tree`` / ``list_repo_files``
-* ``POST /api/<type>s/<repo>/paths-info/<rev>``            ``get_paths_info``
-* ``GET  /api/<type>s/<repo>/refs`` and ``/commits/<rev>``  ``list_repo_refs`` / ``list_repo_commits``
-* ``POST|DELETE /api/<type>s/<repo>/branch/<name>``, ``POST /api/<type>s/<repo>/tag/<rev>``
 * ``POST /api/<type>s/<repo>/preupload/<rev>``             "regular" vs "lfs" upload mode per file
 * ``POST /<repo>.git/info/lfs/objects/batch``               LFS batch API -> ``PUT /_lfs/upload/<sha256>``
   (sha256 and size verified) and ``POST /_lfs/verify/<sha256>``
 * ``POST /api/<type>s/<repo>/commit/<rev>``                NDJSON commit (file / lfsFile / deletedFile /
-  deletedFolder), ``?create_pr=1`` opens ``refs/pr/<n>``
+  deletedFolder)
 * ``HEAD|GET /[datasets/|spaces/]<repo>/resolve/<rev>/<path>``  file download with ``ETag``,
-  ``X-Repo-Commit``, ``X-Linked-Etag``/``X-Linked-Size`` (LFS) and single ``Range`` support
+  ``X-Repo-Commit``, ``X-Linked-Etag``/``X-Linked-Size`` (LFS)
+
+Only what the package's tests use (saving, pushing, loading, pinned revisions); branches, tags, pull
+requests, commit logs and ranged downloads are not served.
 
 Errors carry ``X-Error-Code`` (``RepoNotFound``, ``RevisionNotFound``, ``EntryNotFound``) because that
 header, not the status code, is what ``hf_raise_for_status`` maps to ``RepositoryNotFoundError`` & co.
@@ -30,13 +29,10 @@ must not hide a missing endpoint.
 
 The client must run in a process whose environment is set *before* ``huggingface_hub`` is imported
 (it reads ``HF_ENDPOINT`` & co. at import time): use :func:`hub_env` and :func:`run_python`.
-
-Standalone: ``python tests/hub_server.py --port 0`` prints the URL and serves until interrupted.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import fnmatch
 import hashlib
@@ -151,7 +147,7 @@ class Commit:
 
 @dataclass
 class Repo:
-    """A repository: commits by oid, branches (incl. ``refs/pr/<n>``) and tags by name."""
+    """A repository: commits by oid, branches by name."""
 
     repo_type: str
     repo_id: str
@@ -160,8 +156,6 @@ class Repo:
     uid: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     commits: dict[str, Commit] = field(default_factory=dict)
     branches: dict[str, str] = field(default_factory=dict)
-    tags: dict[str, str] = field(default_factory=dict)
-    pr_count: int = 0
 
 
 def _parse_scalar(value: str) -> Any:
@@ -370,8 +364,8 @@ class LocalHub:
 
     @staticmethod
     def _resolve(repo: Repo, revision: str) -> Commit:
-        """Branch, tag, ``refs/pr/<n>``, full sha or unambiguous sha prefix (>= 7 chars)."""
-        oid = repo.branches.get(revision) or repo.tags.get(revision)
+        """Branch, full sha or unambiguous sha prefix (>= 7 chars)."""
+        oid = repo.branches.get(revision)
         if oid is None and revision.startswith("refs/heads/"):
             oid = repo.branches.get(revision.removeprefix("refs/heads/"))
         if oid is None and revision in repo.commits:
@@ -430,11 +424,6 @@ class LocalHub:
             self._repos[(repo_type, repo_id)] = repo
         return self.repo_url(repo_id, repo_type)
 
-    def delete_repo(self, repo_id: str, repo_type: str = "model") -> None:
-        with self._lock:
-            self._get_repo(repo_type, repo_id)
-            del self._repos[(repo_type, repo_id)]
-
     def commit_files(
         self,
         repo_id: str,
@@ -458,7 +447,7 @@ class LocalHub:
                 lfs = self._upload_mode(head, path, len(data), data[:512]) == "lfs"
                 ops.append(("add", path, self._entry_for(data, self._store_bytes(data), lfs)))
             ops.extend(("deletedFile", path, None) for path in deletions)
-            commit, _ = self._apply_commit(repo, revision, ops, message, "", None, create_pr=False)
+            commit = self._apply_commit(repo, revision, ops, message, "", None)
             return commit.oid
 
     def read_file(self, repo_id: str, path: str, revision: str = "main", repo_type: str = "model") -> bytes:
@@ -489,10 +478,6 @@ class LocalHub:
                 log.append(commit)
                 commit = repo.commits[commit.parent] if commit.parent else None
             return log
-
-    def repo_ids(self, repo_type: str = "model") -> list[str]:
-        with self._lock:
-            return sorted(rid for rtype, rid in self._repos if rtype == repo_type)
 
     # ------------------------------------------------------------------ commit logic
 
@@ -541,12 +526,11 @@ class LocalHub:
         title: str,
         description: str,
         parent_commit: str | None,
-        create_pr: bool,
-    ) -> tuple[Commit, int | None]:
-        """Create a commit on ``revision`` (a branch or ``refs/pr/<n>``) or on a new PR ref."""
+    ) -> Commit:
+        """Create a commit on the branch ``revision``."""
         head = self._resolve(repo, revision)  # unknown revision: 404 RevisionNotFound
         if revision not in repo.branches:
-            raise HubError(400, f"Cannot commit to {revision!r}: commits go on a branch or refs/pr/<n>")
+            raise HubError(400, f"Cannot commit to {revision!r}: commits go on a branch")
         if parent_commit is not None and not head.oid.startswith(parent_commit):
             raise HubError(412, "A commit has happened since. Please refresh and try again.")
         files = dict(head.files)
@@ -568,12 +552,8 @@ class LocalHub:
                 for p in doomed:
                     del files[p]
         commit = self._new_commit(repo, head, files, title, description)
-        if create_pr:
-            repo.pr_count += 1
-            repo.branches[f"refs/pr/{repo.pr_count}"] = commit.oid
-            return commit, repo.pr_count
         repo.branches[revision] = commit.oid
-        return commit, None
+        return commit
 
     # ------------------------------------------------------------------ JSON views
 
@@ -685,7 +665,6 @@ class _Response:
     headers: dict[str, str] = field(default_factory=dict)
     content_type: str = "application/json"
     file: Path | None = None
-    file_range: tuple[int, int] | None = None  # inclusive byte range of ``file`` to send
 
 
 _REPO = r"(?P<repo>[^/]+/[^/]+|[^/]+)"
@@ -702,18 +681,10 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
 
     routes: list[tuple[frozenset[str], re.Pattern[str], str]] = [
-        (frozenset({"GET"}), re.compile(r"^/api/whoami-v2$"), "whoami"),
         (frozenset({"POST"}), re.compile(r"^/api/repos/create$"), "create_repo"),
-        (frozenset({"DELETE"}), re.compile(r"^/api/repos/delete$"), "delete_repo"),
         (frozenset({"POST"}), re.compile(r"^/api/validate-yaml$"), "validate_yaml"),
         (frozenset({"GET"}), re.compile(_API + r"/revision/(?P<rev>[^/]+)$"), "repo_info"),
         (frozenset({"GET"}), re.compile(_API + r"/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?$"), "tree"),
-        (frozenset({"POST"}), re.compile(_API + r"/paths-info/(?P<rev>[^/]+)$"), "paths_info"),
-        (frozenset({"GET"}), re.compile(_API + r"/refs$"), "refs"),
-        (frozenset({"GET"}), re.compile(_API + r"/commits/(?P<rev>[^/]+)$"), "commits"),
-        (frozenset({"POST", "DELETE"}), re.compile(_API + r"/branch/(?P<rev>[^/]+)$"), "branch"),
-        (frozenset({"POST"}), re.compile(_API + r"/tag/(?P<rev>[^/]+)$"), "create_tag"),
-        (frozenset({"DELETE"}), re.compile(_API + r"/tag/(?P<rev>[^/]+)$"), "delete_tag"),
         (frozenset({"POST"}), re.compile(_API + r"/preupload/(?P<rev>[^/]+)$"), "preupload"),
         (frozenset({"POST"}), re.compile(_API + r"/commit/(?P<rev>[^/]+)$"), "commit"),
         (frozenset({"POST"}), re.compile(_GIT + r"\.git/info/lfs/objects/batch$"), "lfs_batch"),
@@ -842,8 +813,7 @@ class _Handler(BaseHTTPRequestHandler):
             body = json.dumps(body).encode()
         length = len(body)
         if response.file is not None:
-            start, end = response.file_range or (0, response.file.stat().st_size - 1)
-            length = max(end - start + 1, 0)
+            length = response.file.stat().st_size
         self.send_response(response.status)
         for name, value in response.headers.items():
             # Header values must be one latin-1 line.
@@ -861,14 +831,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
             return
         with response.file.open("rb") as fh:
-            fh.seek(response.file_range[0] if response.file_range else 0)
-            remaining = length
-            while remaining > 0:
-                chunk = fh.read(min(remaining, 1 << 20))
-                if not chunk:
-                    break
-                self.wfile.write(chunk)
-                remaining -= len(chunk)
+            shutil.copyfileobj(fh, self.wfile, 1 << 20)
 
     def _segment(self, match: re.Match[str], name: str) -> str:
         return unquote(match.group(name))
@@ -879,29 +842,6 @@ class _Handler(BaseHTTPRequestHandler):
         return "/".join(unquote(part) for part in raw.split("/")).strip("/")
 
     # ------------------------------------------------------------------ handlers
-
-    def _h_whoami(self, match: re.Match[str]) -> _Response:
-        if not self._authed():
-            raise HubError(401, "Invalid credentials in Authorization header")
-        now = _iso(datetime.now(UTC))
-        user = self.hub.user
-        return _Response(
-            body={
-                "type": "user",
-                "id": hashlib.sha1(user.encode()).hexdigest()[:24],
-                "name": user,
-                "fullname": user.title(),
-                "email": f"{user}@localhost",
-                "emailVerified": True,
-                "isPro": False,
-                "canPay": False,
-                "orgs": [],
-                "auth": {
-                    "type": "access_token",
-                    "accessToken": {"displayName": "local", "role": "write", "createdAt": now},
-                },
-            }
-        )
 
     def _h_create_repo(self, match: re.Match[str]) -> _Response:
         self._require_write()
@@ -915,13 +855,6 @@ class _Handler(BaseHTTPRequestHandler):
         repo_id = f"{namespace}/{name}"
         url = self.hub.create_repo(repo_id, repo_type, private)
         return _Response(body={"url": url, "name": repo_id, "id": self.hub._repos[(repo_type, repo_id)].uid})
-
-    def _h_delete_repo(self, match: re.Match[str]) -> _Response:
-        self._require_write()
-        payload = self._json_body()
-        repo_id = f"{payload.get('organization') or self.hub.user}/{payload.get('name')}"
-        self.hub.delete_repo(repo_id, payload.get("type") or "model")
-        return _Response(body={})
 
     def _h_validate_yaml(self, match: re.Match[str]) -> _Response:
         payload = self._json_body()
@@ -964,103 +897,6 @@ class _Handler(BaseHTTPRequestHandler):
                     paths.add(prefix + "/".join(parts[:i]))
             body = [self.hub._tree_entry(repo, commit, p, expand) for p in sorted(paths)]
             return _Response(body=body)
-
-    def _h_paths_info(self, match: re.Match[str]) -> _Response:
-        with self.hub._lock:
-            repo = self._repo(match)
-            commit = self.hub._resolve(repo, self._segment(match, "rev"))
-            raw = self._body().decode()
-            form = (
-                parse_qs(raw, keep_blank_values=True) if not raw.lstrip().startswith("{") else json.loads(raw)
-            )
-            paths = form.get("paths", [])
-            paths = [paths] if isinstance(paths, str) else paths
-            expand = form.get("expand")
-            expand = _truthy(expand if isinstance(expand, list) else [str(expand)]) if expand else False
-            body = []
-            for path in paths:
-                path = path.strip("/")
-                if path in commit.files or any(p.startswith(path + "/") for p in commit.files):
-                    body.append(self.hub._tree_entry(repo, commit, path, expand))
-            return _Response(body=body)
-
-    def _h_refs(self, match: re.Match[str]) -> _Response:
-        with self.hub._lock:
-            repo = self._repo(match)
-
-            def ref(name: str, full: str, oid: str) -> dict[str, str]:
-                return {"name": name, "ref": full, "targetCommit": oid}
-
-            branches = [
-                ref(n, f"refs/heads/{n}", o) for n, o in repo.branches.items() if not n.startswith("refs/")
-            ]
-            body: dict[str, Any] = {
-                "branches": branches,
-                "converts": [],
-                "tags": [ref(n, f"refs/tags/{n}", o) for n, o in repo.tags.items()],
-            }
-            if _truthy(self._query.get("include_prs")):
-                body["pullRequests"] = [
-                    ref(n, n, o) for n, o in repo.branches.items() if n.startswith("refs/pr/")
-                ]
-            return _Response(body=body)
-
-    def _h_commits(self, match: re.Match[str]) -> _Response:
-        with self.hub._lock:
-            repo = self._repo(match)
-            rev = self._segment(match, "rev")
-            log = self.hub.commit_log(repo.repo_id, rev, repo.repo_type)
-        body = [
-            {
-                "id": c.oid,
-                "title": c.title,
-                "message": c.message,
-                "authors": [{"user": c.author}],
-                "date": _iso(c.date),
-                "formatted": {"title": c.title, "message": c.message},
-            }
-            for c in log
-        ]
-        return _Response(body=body)
-
-    def _h_branch(self, match: re.Match[str]) -> _Response:
-        self._require_write()
-        with self.hub._lock:
-            repo = self._repo(match)
-            branch = self._segment(match, "rev")
-            if self.command == "DELETE":
-                if branch not in repo.branches or branch == "main":
-                    raise HubError(404 if branch != "main" else 403, f"Cannot delete branch {branch!r}")
-                del repo.branches[branch]
-                return _Response(body={})
-            payload = self._json_body()
-            if branch in repo.branches or not branch or branch.startswith("refs/"):
-                raise HubError(409, f"Reference already exists or is invalid: {branch}")
-            start = self.hub._resolve(repo, payload.get("startingPoint") or "main")
-            repo.branches[branch] = start.oid
-            return _Response(body={})
-
-    def _h_create_tag(self, match: re.Match[str]) -> _Response:
-        self._require_write()
-        with self.hub._lock:
-            repo = self._repo(match)
-            commit = self.hub._resolve(repo, self._segment(match, "rev"))
-            tag = self._json_body().get("tag")
-            if not isinstance(tag, str) or not tag:
-                raise HubError(400, "Missing tag name")
-            if tag in repo.tags:
-                raise HubError(409, f"Tag {tag!r} already exists")
-            repo.tags[tag] = commit.oid
-            return _Response(body={})
-
-    def _h_delete_tag(self, match: re.Match[str]) -> _Response:
-        self._require_write()
-        with self.hub._lock:
-            repo = self._repo(match)
-            tag = self._segment(match, "rev")
-            if repo.tags.pop(tag, None) is None:
-                raise HubError(404, f"Tag {tag!r} not found", "RevisionNotFound")
-            return _Response(body={})
 
     def _h_preupload(self, match: re.Match[str]) -> _Response:
         self._require_write()
@@ -1144,7 +980,6 @@ class _Handler(BaseHTTPRequestHandler):
         if not items or items[0].get("key") != "header":
             raise HubError(400, "Commit payload must start with a 'header' line")
         header = items[0]["value"]
-        create_pr = _truthy(self._query.get("create_pr"))
         ops: list[tuple[str, str, FileEntry | None]] = []
         for item in items[1:]:
             key, value = item.get("key"), item.get("value") or {}
@@ -1164,14 +999,13 @@ class _Handler(BaseHTTPRequestHandler):
                 raise HubError(400, f"LocalHub: unsupported commit operation {key!r}")
         with self.hub._lock:
             repo = self._repo(match)
-            commit, pr_num = self.hub._apply_commit(
+            commit = self.hub._apply_commit(
                 repo,
                 self._segment(match, "rev"),
                 ops,
                 header.get("summary") or "",
                 header.get("description") or "",
                 header.get("parentCommit"),
-                create_pr,
             )
             repo_url = self.hub.repo_url(repo.repo_id, repo.repo_type)
         return _Response(
@@ -1179,7 +1013,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "success": True,
                 "commitOid": commit.oid,
                 "commitUrl": f"{repo_url}/commit/{commit.oid}",
-                "pullRequestUrl": f"{repo_url}/discussions/{pr_num}" if pr_num else None,
+                "pullRequestUrl": None,
                 "hookOutput": "",
             }
         )
@@ -1193,34 +1027,12 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {"X-Repo-Commit": commit.oid}
         if entry is None:
             raise HubError(404, f"Entry not found: {path}", "EntryNotFound", headers)
-        headers.update({"ETag": f'"{entry.etag}"', "Accept-Ranges": "bytes"})
+        headers["ETag"] = f'"{entry.etag}"'
         if entry.lfs:
             # The real Hub answers LFS files with a redirect carrying these; huggingface_hub prefers them.
             headers.update({"X-Linked-Etag": f'"{entry.sha256}"', "X-Linked-Size": str(entry.size)})
         response = _Response(200, b"", headers, "application/octet-stream", self.hub._blob_path(entry.sha256))
-        range_header = self.headers.get("Range")
-        if range_header and self.command == "GET":
-            byte_range = _parse_range(range_header, entry.size)
-            if byte_range is None:
-                headers["Content-Range"] = f"bytes */{entry.size}"
-                return _Response(416, b"", headers, "text/plain")
-            response.status = 206
-            response.file_range = byte_range
-            headers["Content-Range"] = f"bytes {byte_range[0]}-{byte_range[1]}/{entry.size}"
         return response
-
-
-def _parse_range(header: str, size: int) -> tuple[int, int] | None:
-    """Single ``bytes=a-b`` / ``a-`` / ``-n`` range -> inclusive (start, end); None if unsatisfiable."""
-    match = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header)
-    if match is None or (not match.group(1) and not match.group(2)):
-        return None
-    if not match.group(1):
-        start, end = max(size - int(match.group(2)), 0), size - 1
-    else:
-        start = int(match.group(1))
-        end = min(int(match.group(2)), size - 1) if match.group(2) else size - 1
-    return (start, end) if start <= end and start < size else None
 
 
 # ---------------------------------------------------------------------- client-side helpers
@@ -1319,41 +1131,3 @@ def last_json_line(stdout: str) -> Any:
         if line.startswith(("{", "[")):
             return json.loads(line)
     raise ValueError(f"no JSON line in output:\n{stdout}")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Serve until interrupted; prints the URL (first stdout line) so scripts can capture it."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
-    parser.add_argument(
-        "--storage", default=None, help="object store dir (default: a temp dir, deleted on exit)"
-    )
-    parser.add_argument("--user", default=DEFAULT_USER)
-    parser.add_argument("--no-auth", action="store_true", help="accept writes without a token")
-    parser.add_argument("--verbose", action="store_true", help="log every request")
-    args = parser.parse_args(argv)
-    hub = LocalHub(
-        args.storage,
-        host=args.host,
-        port=args.port,
-        user=args.user,
-        require_auth=not args.no_auth,
-        verbose=args.verbose,
-    )
-    with hub:
-        print(hub.url, flush=True)
-        print(
-            f"# export HF_ENDPOINT={hub.url} HF_TOKEN=anything HF_HUB_DISABLE_XET=1 HF_HUB_OFFLINE=0",
-            file=sys.stderr,
-            flush=True,
-        )
-        try:
-            threading.Event().wait()
-        except KeyboardInterrupt:
-            pass
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
