@@ -489,11 +489,12 @@ def worker(result_path: str, threads: int, argv: list[str]) -> None:
     if threads:
         torch.set_num_threads(threads)
     from hf_adafilter import cli
+    from hf_adafilter.hub import GATE_FRACTIONS_FILE
 
     start_cpu, start = time.process_time(), time.perf_counter()
     metrics = cli.main(argv)
     output_dir = Path(argv[argv.index("--output_dir") + 1])
-    gate_file = output_dir / "gate_fractions.json"
+    gate_file = output_dir / GATE_FRACTIONS_FILE
     state_file = output_dir / "trainer_state.json"
     history = json.loads(state_file.read_text())["log_history"] if state_file.is_file() else []
     gate_logs = [entry for entry in history if "gates/train_eval_agreement" in entry]
@@ -770,11 +771,11 @@ def summarize(results: Sequence[dict], tasks: Sequence[str], methods: Sequence[s
     return {
         "cells": cells,
         "differences": error_differences(cells, tasks, methods),
-        # AdaFilter against every other method: AdaFilter's error minus the method's.
+        # AdaFilter against every other method and every lean gate network: AdaFilter's error minus the method's.
         "adafilter_vs": {
             method: reversed_difference(entry)
             for method, entry in error_differences(cells, tasks, methods, reference="adafilter").items()
-            if method not in ADAFILTER_METHODS
+            if method not in ADAFILTER_METHODS or method in LEAN_GATE_METHODS
         },
     }
 
@@ -1201,11 +1202,12 @@ def write_chart(path: Path, report: dict, tasks: Sequence[str], methods: Sequenc
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def preset_name(preset: str) -> str:
+    return "transfer" if preset == DEFAULT_PRESET else f"transfer_{preset}"
+
+
 def output_prefix(args: argparse.Namespace) -> Path:
-    if args.output_prefix is not None:
-        return args.output_prefix
-    suffix = "" if args.preset == DEFAULT_PRESET else f"_{args.preset}"
-    return RESULTS_DIR / f"transfer{suffix}"
+    return args.output_prefix if args.output_prefix is not None else RESULTS_DIR / preset_name(args.preset)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -1231,7 +1233,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             f"{len(plan)} runs, prior estimate {minutes(estimate)} on 2 quiet CPU cores{CPU_ONLY_NOTE if args.preset == 'full' else ''}"
         )
         return {}
-    work_dir = args.data_dir / "runs" / prefix.name
+    # One cache of finished runs per preset, whatever the report is called: a run's key is its command line.
+    work_dir = args.data_dir / "runs" / preset_name(args.preset)
     work_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     results = run_suite(args, budget, tasks, work_dir)
