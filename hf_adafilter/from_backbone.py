@@ -25,7 +25,15 @@ def wrap_backbone(
     token: str | bool | None = None,
     **config_overrides,
 ) -> PreTrainedModel:
-    """`AdaFilterForImageClassification.from_backbone` (documented there)."""
+    """`AdaFilterForImageClassification.from_backbone(backbone, ...)`: wraps a pretrained backbone. Both banks start
+    as its weights, so the new model computes exactly what the backbone computes until training moves the fine-tuned
+    bank.
+
+    `backbone` is a model, a Hub id, a local path, or a packaged alias such as `"efficientnet-lite0"`. Without
+    `num_labels` / `id2label` the backbone's own classification head and labels are kept. `revision`,
+    `cache_dir` and `token` reach the backbone's download; `config_overrides` are `AdaFilterConfig` fields (an
+    unknown key is an error).
+    """
     downloads = {"revision": revision, "cache_dir": cache_dir, "token": token}
     source_model, name_or_path = load_supported_backbone(backbone, **downloads)
     base = source_model.base_model

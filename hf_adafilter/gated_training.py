@@ -102,20 +102,9 @@ class FusedGatedBanks(torch.autograd.Function):
         mixed.addcmul_(shape.per_example(coefficient_pretrained.to(dtype)), out_pretrained)
         if beta_finetuned is not None:
             mixed.add_(shape.per_example((gates * beta_finetuned + (1 - gates) * beta_pretrained).to(dtype)))
-        ctx.save_for_backward(
-            hidden_states,
-            gates,
-            weight_finetuned,
-            weight_pretrained,
-            out_finetuned,
-            out_pretrained,
-            invstd_finetuned,
-            invstd_pretrained,
-            gamma_finetuned,
-            beta_finetuned,
-            gamma_pretrained,
-            beta_pretrained,
-        )
+        ctx.save_for_backward(hidden_states, gates, weight_finetuned, weight_pretrained, out_finetuned,
+                              out_pretrained, invstd_finetuned, invstd_pretrained, gamma_finetuned,
+                              beta_finetuned, gamma_pretrained, beta_pretrained)  # fmt: skip
         return mixed
 
     @staticmethod
@@ -326,27 +315,17 @@ def _banks_backward(
     op, has_bias, needs = spec.op, ctx.has_bias, ctx.needs_input_grad
     want_finetuned, want_pretrained = needs[2] or needs[4], needs[3] or needs[5]
     if joined is None:
-        grad_input, grad_weight_finetuned, grad_bias_finetuned = op.backward(
-            grad_finetuned,
-            hidden_states,
-            weight_finetuned,
-            has_bias,
-            (needs[0], want_finetuned, want_finetuned),
+        banks = (
+            (grad_finetuned, weight_finetuned, want_finetuned),
+            (grad_pretrained, weight_pretrained, want_pretrained),
         )
-        grad_input_pretrained, grad_weight_pretrained, grad_bias_pretrained = op.backward(
-            grad_pretrained,
-            hidden_states,
-            weight_pretrained,
-            has_bias,
-            (needs[0], want_pretrained, want_pretrained),
+        (grad_input, *finetuned), (grad_input_pretrained, *pretrained) = (
+            op.backward(grad, hidden_states, weight, has_bias, (needs[0], want, want))
+            for grad, weight, want in banks
         )
         if grad_input is not None:
             grad_input = grad_input.add_(grad_input_pretrained)
-        return (
-            grad_input,
-            (grad_weight_finetuned, grad_weight_pretrained),
-            (grad_bias_finetuned, grad_bias_pretrained),
-        )
+        return grad_input, (finetuned[0], pretrained[0]), (finetuned[1], pretrained[1])
     weight = ctx.joined_weight
     if want_pretrained:
         grad_input, grad_weight, grad_bias = op.backward(

@@ -373,36 +373,8 @@ class AdaFilterForImageClassification(AdaFilterPreTrainedModel):
         )
         return output if return_dict else output.to_tuple()
 
-    @classmethod
-    def from_backbone(
-        cls,
-        backbone: str | PreTrainedModel,
-        num_labels: int | None = None,
-        id2label: dict[int, str] | None = None,
-        *,
-        revision: str | None = None,
-        cache_dir: str | None = None,
-        token: str | bool | None = None,
-        **config_overrides,
-    ) -> AdaFilterForImageClassification:
-        """Wraps a pretrained backbone: both banks start as its weights, so the new model computes exactly what the
-        backbone computes until training moves the fine-tuned bank.
-
-        `backbone` is a model, a Hub id, a local path, or a packaged alias such as `"efficientnet-lite0"`. Without
-        `num_labels` / `id2label` the backbone's own classification head and labels are kept. `revision`,
-        `cache_dir` and `token` reach the backbone's download; `config_overrides` are `AdaFilterConfig` fields (an
-        unknown key is an error).
-        """
-        return wrap_backbone(
-            cls,
-            backbone,
-            num_labels,
-            id2label,
-            revision=revision,
-            cache_dir=cache_dir,
-            token=token,
-            **config_overrides,
-        )
+    # Wraps a pretrained backbone (documented in `from_backbone.wrap_backbone`).
+    from_backbone = classmethod(wrap_backbone)
 
 
 def _channels(module: nn.Module) -> tuple[int, int]:
