@@ -102,13 +102,30 @@ def _is_identity_squeeze_excite(module: nn.Module) -> bool:
     )
 
 
+def global_pooling(model: nn.Module) -> nn.Module:
+    """transformers' EfficientNet pools with `nn.AvgPool2d(config.hidden_dim, ceil_mode=True)` (a 1280-wide window
+    for a 4x4 map): the same numbers as a global mean in eager mode, but `torch.compile` (inductor) lowers it to a
+    loop over the whole 1280 x 1280 window, 20-40x slower than the model without it. An adaptive pool of output 1 is
+    that global mean exactly (for maps no larger than the window), so it replaces the pooler."""
+    for name, module in list(model.named_modules()):
+        if name.rpartition(".")[2] != "pooler" or not isinstance(module, (nn.AvgPool2d, nn.MaxPool2d)):
+            continue
+        parent = model.get_submodule(name.rpartition(".")[0])
+        global_pool = nn.AdaptiveAvgPool2d(1) if isinstance(module, nn.AvgPool2d) else nn.AdaptiveMaxPool2d(1)
+        parent.pooler = global_pool
+    return model
+
+
 def _prepare_efficientnet(model: nn.Module) -> nn.Module:
-    """Momentum made uniform, and the identity squeeze-excite of EfficientNet-Lite frozen (once weights are in).
+    """Momentum made uniform, the pooler a global pool, and the identity squeeze-excite of EfficientNet-Lite frozen
+    (once weights are in).
 
     transformers builds EfficientNet's expansion BatchNorm without `momentum=config.batch_norm_momentum`, so those
     layers keep PyTorch's 0.1 (ten times the 0.01 of all the others) and forget their statistics when fine-tuned.
     """
-    freeze_identity_squeeze_excite(set_batchnorm_momentum(model, model.config.batch_norm_momentum))
+    freeze_identity_squeeze_excite(
+        global_pooling(set_batchnorm_momentum(model, model.config.batch_norm_momentum))
+    )
     return model
 
 

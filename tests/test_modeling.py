@@ -377,3 +377,15 @@ def test_classify_with_gate_fractions_returns_labels_and_each_images_fraction(tm
     expected = [float(sum(g[i].sum() for g in gates) / sum(g[i].numel() for g in gates)) for i in range(3)]
     assert [r["finetuned_fraction"] for r in results] == pytest.approx(expected)
     assert results[0]["labels"][0]["label"] in model.config.id2label.values()
+
+
+def test_efficientnet_pools_with_a_global_pool_that_computes_the_same_numbers():
+    """transformers' AvgPool2d(hidden_dim, ceil_mode=True) is lowered by torch.compile to a loop over the whole
+    window; the family's prepare swaps in the global mean it computes."""
+    backbone = random_backbone("efficientnet")
+    assert isinstance(backbone.pooler, torch.nn.AvgPool2d)
+    model = adafilter_from(backbone).eval()
+    assert isinstance(model.adafilter.backbone.pooler, torch.nn.AdaptiveAvgPool2d)
+    pixels = pixel_batch()
+    with torch.no_grad():
+        assert (pooled(model, pixels) - backbone_pooled(backbone, pixels)).abs().max() < TOLERANCE
