@@ -6,16 +6,18 @@ group `hf_adafilter.backbone_resolvers` (the pip package declares its own, and r
 finds them the same way without importing this package's other modules, and without the package it resolves Hub ids
 and folders only.
 
-Travels to the Hub as remote code: relative imports only, nothing beyond transformers.
+Travels to the Hub as remote code: relative imports only, nothing beyond huggingface_hub, transformers.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
 
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -52,6 +54,22 @@ def packaged_resolvers() -> tuple[Resolver, ...]:
 def resolve_packaged(name: str) -> str | None:
     """The local folder of a packaged alias, or None when nothing installed provides `name`."""
     return next((found for resolve in packaged_resolvers() if (found := resolve(name))), None)
+
+
+def backbone_kind(name: str | os.PathLike | None) -> str | None:
+    """Where a backbone name points: "packaged" (an installed alias), "local" (a folder), "hub" (a Hub repo id), or
+    None (none of them: an empty name, a file, a string the Hub would refuse)."""
+    if not name or not isinstance(name, str):
+        return None
+    if resolve_packaged(name) is not None:
+        return "packaged"
+    if os.path.exists(name):
+        return "local" if os.path.isdir(name) else None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return "hub"
 
 
 def resolve_backbone(name_or_path: str) -> str:

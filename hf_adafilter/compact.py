@@ -1,6 +1,6 @@
 """Compact AdaFilter checkpoints: what training changed, plus a checked reference to the base backbone.
 
-Travels to the Hub as remote code: relative imports only, nothing beyond huggingface_hub, safetensors, torch, transformers.
+Travels to the Hub as remote code: relative imports only, nothing beyond safetensors, torch, transformers.
 
 A full checkpoint stores the frozen pre-trained bank, although it is a copy of a public backbone. A compact checkpoint
 leaves it out: `model.compact.safetensors` holds the fine-tuned bank, the norms (with their statistics), the gate
@@ -19,11 +19,10 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
-from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors.torch import load_file
 from transformers.utils import cached_file
 
-from .backbone_sources import resolve_packaged
+from .backbone_sources import backbone_kind, resolve_packaged
 
 COMPACT_VARIANT = "compact"
 COMPACT_WEIGHTS_NAME = "model.compact.safetensors"
@@ -82,18 +81,13 @@ def download_kwargs(kwargs: dict[str, Any], pop: bool = False) -> dict[str, Any]
 
 def base_source(name: str) -> str:
     """How the loader will find the base backbone again: "packaged", "local" or "hub"."""
-    if resolve_packaged(name) is not None:
-        return "packaged"
-    if os.path.isdir(name):
-        return "local"
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
+    kind = backbone_kind(name)
+    if kind is None:
         raise ValueError(
             f"The base backbone {name!r} is neither a local folder, a packaged alias nor a Hub id; pass "
             "base_model='org/backbone' naming where its frozen weights can be downloaded."
-        ) from None
-    return "hub"
+        )
+    return kind
 
 
 def compact_save_plan(

