@@ -105,8 +105,9 @@ def _is_identity_squeeze_excite(module: nn.Module) -> bool:
 def global_pooling(model: nn.Module) -> nn.Module:
     """transformers' EfficientNet pools with `nn.AvgPool2d(config.hidden_dim, ceil_mode=True)` (a 1280-wide window
     for a 4x4 map): the same numbers as a global mean in eager mode, but `torch.compile` (inductor) lowers it to a
-    loop over the whole 1280 x 1280 window, 20-40x slower than the model without it. An adaptive pool of output 1 is
-    that global mean exactly (for maps no larger than the window), so it replaces the pooler."""
+    loop over the whole 1280 x 1280 window, slower than all the rest of the model (`speed.py --compile`). An
+    adaptive pool of output 1 is that global mean exactly (for maps no larger than the window), so it replaces the
+    pooler."""
     for name, module in list(model.named_modules()):
         if name.rpartition(".")[2] != "pooler" or not isinstance(module, (nn.AvgPool2d, nn.MaxPool2d)):
             continue
