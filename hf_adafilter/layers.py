@@ -82,8 +82,9 @@ def _implementation_holders(module: nn.Module) -> list[nn.Module]:
 class GatedLayer(nn.Module):
     """Wraps a conv (any subclass, grouped, depthwise) or a pointwise Linear, PEFT-style.
 
-    `base_layer` is the original module, frozen; its own `forward` runs, so weight-standardised or padded convs keep
-    working. `finetuned_layer` is a trainable copy. Where a BatchNorm directly followed the conv, the layer owns it:
+    `base_layer` is the original module (the pre-trained bank); its own `forward` runs, so weight-standardised or padded
+    convs keep working. `finetuned_layer` is a copy to train. Which of them trains is the model's rule
+    (`AdaFilterModel.apply_trainability`: the pre-trained bank is frozen). Where a BatchNorm directly followed the conv, the layer owns it:
     with gated norm each bank gets its own BatchNorm (their statistics differ once the copy trains), otherwise one
     BatchNorm normalises the mixture. Unknown attribute reads fall through to `base_layer` (padding helpers read
     `.stride`, `.kernel_size`).
