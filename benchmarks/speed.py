@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import datetime
 import functools
+import itertools
 import json
 import os
 import platform
@@ -57,6 +58,8 @@ VARIANT_TITLES = {
 LEAN_GATES = {"gate_input_size": 16, "gate_hidden_size": 16}
 DW_METRIC = "train_step_fast_depthwise_baseline"
 # Training: ResNet-50's step as measured; Lite0's like for like (fine-tuning given the same depthwise kernel).
+# Distinct input batches the inference timings cycle through.
+INFER_INPUTS = 4
 TARGETS = {"train_step": 1.75, DW_METRIC: 1.7, "infer_b1": 1.3, "infer_b32": 1.3, "peak_memory": 1.5}
 
 
@@ -223,9 +226,13 @@ def make_train_step(
 def make_inference(
     model: transformers.PreTrainedModel, variant: str, batch: int, size: int, settings: Settings
 ) -> Callable[[], None]:
+    """Eval-mode forwards without grad, each on the next of a few fixed random batches: consecutive calls see
+    different images, as in serving (AdaFilter's batch-1 kernels are updated only where the decisions change)."""
     device = settings.device
     model.to(device).eval()
-    pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.randn(batch, 3, size, size, generator=generator).to(device) for _ in range(INFER_INPUTS)]
+    inputs = itertools.cycle(batches)
 
     def forward() -> None:
         with (
@@ -233,7 +240,7 @@ def make_inference(
             autocast_context(settings),
             torch.no_grad(),
         ):
-            model(pixels)
+            model(next(inputs))
 
     return forward
 
@@ -549,7 +556,8 @@ def render(results: list[ConfigResult], settings: Settings, command: str, load: 
         *machine_description(settings),
         f"- load average (1 min) at start / end: {load[0]} / {load[1]}",
         f"- medians of {settings.train_repeats} training steps and {settings.infer_repeats} (batch 1: "
-        f"{3 * settings.infer_repeats}) inference calls after warm-up, variants interleaved; peak memory from "
+        f"{3 * settings.infer_repeats}) inference calls after warm-up (each on the next of {INFER_INPUTS} random input "
+        f"batches), variants interleaved; peak memory from "
         f"{settings.memory_steps} training steps in a fresh subprocess per variant",
         "",
         *header,

@@ -1,14 +1,15 @@
 """Inference fast paths of the gated layer: each BatchNorm folded into its bank, then per example either one merged
-kernel (`pretrained + g * (finetuned - pretrained)`, one convolution per layer like the plain backbone) or both banks and a select, as a
-cost model decides.
+kernel (`pretrained + g * (finetuned - pretrained)`, one convolution per layer like the plain backbone) or both banks
+and a select, as a cost model decides.
 
 Travels to the Hub as remote code: relative imports only, nothing beyond torch.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,9 @@ class FoldedBanks:
     # Both banks in one tensor (groups == 1); weight_finetuned / weight_pretrained are then its halves, not copies.
     joined_weight: torch.Tensor | None = None
     joined_bias: torch.Tensor | None = None
+    # Batch 1: the last merged kernel and the gates it holds, updated only where the next image's gates differ.
+    last_merged: tuple[torch.Tensor, torch.Tensor] | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
 
 def tensors_key(tensors: Sequence[torch.Tensor]) -> tuple:
@@ -73,19 +77,23 @@ def fold_banks(
 def merged_forward(
     op: BankOp, hidden_states: torch.Tensor, gates: torch.Tensor, folded: FoldedBanks
 ) -> torch.Tensor:
-    """One kernel per layer: example n uses `pretrained + g_n * (finetuned - pretrained)` per filter (`lerp` returns an endpoint exactly,
-    so a 0/1 gate picks the fine-tuned or pre-trained kernel bit for bit), as a grouped conv over the batch when n > 1."""
+    """One kernel per layer: example n uses `pretrained + g_n * (finetuned - pretrained)` per filter (`lerp` returns
+    an endpoint exactly, so a 0/1 gate picks the fine-tuned or pre-trained kernel bit for bit), as a grouped conv over
+    the batch when n > 1."""
     batch = hidden_states.shape[0]
     trailing = [1] * (folded.weight_finetuned.ndim - 1)
     gates = gates.to(folded.weight_finetuned.dtype)
     if batch == 1:
-        weight = torch.lerp(folded.weight_pretrained, folded.weight_finetuned, gates.view(-1, *trailing))
         bias = (
             torch.lerp(folded.bias_pretrained, folded.bias_finetuned, gates[0])
             if folded.bias_finetuned is not None
             else None
         )
-        return op(hidden_states, weight, bias)
+        if folded.weight_finetuned.numel() < INCREMENTAL_MIN_ELEMENTS or torch.compiler.is_compiling():
+            weight = torch.lerp(folded.weight_pretrained, folded.weight_finetuned, gates.view(-1, *trailing))
+            return op(hidden_states, weight, bias)
+        with folded.lock:  # the kernel is shared state: one forward at a time reads and updates it
+            return op(hidden_states, incremental_merged_kernel(folded, gates[0]), bias)
     weight = torch.lerp(
         folded.weight_pretrained, folded.weight_finetuned, gates.view(*gates.shape, *trailing)
     )
@@ -111,6 +119,29 @@ def merged_forward(
         op.groups * batch,
     )
     return out.view(batch, -1, *out.shape[2:])
+
+
+def incremental_merged_kernel(folded: FoldedBanks, gates: torch.Tensor) -> torch.Tensor:
+    """The batch-1 merged kernel for `gates` (one value per filter), rebuilt only in the rows whose gate differs from
+    the previous call's. Consecutive images mostly make the same decisions (about 95% of filters for a trained Lite0,
+    see speed.md), and writing the full kernel, not reading the banks, is what a fresh `lerp` costs. The rows are
+    computed by the same `lerp`, so the kernel equals a fresh one bit for bit."""
+    trailing = [1] * (folded.weight_finetuned.ndim - 1)
+    if folded.last_merged is None:
+        kernel = torch.lerp(folded.weight_pretrained, folded.weight_finetuned, gates.view(-1, *trailing))
+        folded.last_merged = kernel, gates.clone()
+        return kernel
+    kernel, last_gates = folded.last_merged
+    changed = (gates != last_gates).nonzero().squeeze(1)
+    if changed.numel():
+        rows = torch.lerp(
+            folded.weight_pretrained.index_select(0, changed),
+            folded.weight_finetuned.index_select(0, changed),
+            gates.index_select(0, changed).view(-1, *trailing),
+        )
+        kernel.index_copy_(0, changed, rows)
+        last_gates.copy_(gates)
+    return kernel
 
 
 def two_bank_forward(
@@ -152,3 +183,6 @@ def prefer_merged(op: BankOp, weight: torch.Tensor, output_positions: int, batch
 
 MERGE_MIN_POSITIONS = 32
 MERGE_MAX_ELEMENTS = 1 << 21
+# Batch-1 kernels of at least this many elements are updated in place (`incremental_merged_kernel`); below it the
+# few extra small ops cost more than rewriting the kernel (measured on Lite0 and ResNet-50 layers, CPU).
+INCREMENTAL_MIN_ELEMENTS = 1 << 18

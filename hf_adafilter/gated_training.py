@@ -38,13 +38,15 @@ class FusedSpec:
 
 
 class FusedGatedBanks(torch.autograd.Function):
-    """`gates * finetuned(x) + (1 - gates) * pretrained(x)` with each bank's BatchNorm, as one function with a hand-written backward.
+    """`gates * finetuned(x) + (1 - gates) * pretrained(x)` with each bank's BatchNorm, as one function with a
+    hand-written backward.
 
     Against the reference (two module calls, two BatchNorms, a mix, each saving its own tensors) it keeps only the
     banks' centred pre-norm outputs and per-channel statistics for backward, normalises and mixes in three
     elementwise passes without materialising the normalised banks, derives the gate and BatchNorm gradients from
-    three per-(example, channel) reductions, and never computes the pre-trained bank's weight gradient. Running statistics are updated by the same ATen kernel
-    (`batch_norm_update_stats`) that `native_batch_norm` uses, so they match the reference bit for bit.
+    three per-(example, channel) reductions, and never computes the pre-trained bank's weight gradient. Running
+    statistics are updated by the same ATen kernel (`batch_norm_update_stats`) that `native_batch_norm` uses, so
+    they match the reference bit for bit.
     """
 
     @staticmethod

@@ -82,15 +82,15 @@ def _implementation_holders(module: nn.Module) -> list[nn.Module]:
 class GatedLayer(nn.Module):
     """Wraps a conv (any subclass, grouped, depthwise) or a pointwise Linear, PEFT-style.
 
-    `base_layer` is the original module (the pre-trained bank); its own `forward` runs, so weight-standardised or padded
-    convs keep working. `finetuned_layer` is a copy to train. Which of them trains is the model's rule
-    (`AdaFilterModel.apply_trainability`: the pre-trained bank is frozen). Where a BatchNorm directly followed the conv, the layer owns it:
-    with gated norm each bank gets its own BatchNorm (their statistics differ once the copy trains), otherwise one
-    BatchNorm normalises the mixture. Unknown attribute reads fall through to `base_layer` (padding helpers read
-    `.stride`, `.kernel_size`).
+    `base_layer` is the original module (the pre-trained bank); its own `forward` runs, so weight-standardised or
+    padded convs keep working. `finetuned_layer` is a copy to train. Which of them trains is the model's rule
+    (`AdaFilterModel.apply_trainability`: the pre-trained bank is frozen). Where a BatchNorm directly followed the
+    conv, the layer owns it: with gated norm each bank gets its own BatchNorm (their statistics differ once the copy
+    trains), otherwise one BatchNorm normalises the mixture. Unknown attribute reads fall through to `base_layer`
+    (padding helpers read `.stride`, `.kernel_size`).
 
-    `implementation` picks the forward from `GATED_FORWARDS` (set per model: `apply_gated_implementation`). Layers whose
-    modules the fast paths cannot replicate exactly (custom conv forwards, norms other than plain BatchNorm) run
+    `implementation` picks the forward from `GATED_FORWARDS` (set per model: `apply_gated_implementation`). Layers
+    whose modules the fast paths cannot replicate exactly (custom conv forwards, norms other than plain BatchNorm) run
     the reference forward whatever it says.
     """
 
@@ -289,6 +289,12 @@ class GatedLayer(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         self._folded = None
         return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the inference cache behind: it is rebuilt on demand (and holds a lock)."""
+        state = super().__getstate__()
+        state.pop("_folded", None)
+        return state
 
     def extra_repr(self) -> str:
         return f"layer_index={self.layer_index}, gated_norm={self.finetuned_norm is not None}"

@@ -18,7 +18,7 @@ import transformers
 from conftest import perturb_finetuned_bank, pixel_batch, random_backbone
 from torch import nn
 
-from hf_adafilter import AdaFilterConfig, AdaFilterForImageClassification
+from hf_adafilter import AdaFilterConfig, AdaFilterForImageClassification, gated_inference
 from hf_adafilter.bank_ops import BankOp, bank_op, depthwise_weight_grad
 from hf_adafilter.gated_inference import prefer_merged
 from hf_adafilter.gating import GateController
@@ -193,6 +193,36 @@ def test_forced_gates_between_zero_and_one_mix_the_banks():
             for implementation in ("fused", "merged"):
                 with gated_implementation(model, implementation):
                     assert_close(model(pixels).logits, reference, FP32_TOLERANCE, implementation)
+
+
+def test_incremental_batch_one_kernels_equal_fresh_ones_bit_for_bit(family, monkeypatch):
+    """Batch-1 kernels updated where the gates changed (every kernel here, whatever its size) give the logits of
+    kernels merged afresh, over a run of images, forced fractional gates, and an in-place parameter update."""
+    model = perturbed_model(family, torch.float32).eval()
+    images = [pixel_batch(batch_size=1, seed=seed) for seed in range(5)]
+
+    def run() -> list[torch.Tensor]:
+        with torch.no_grad():
+            logits = [model(image).logits for image in images]
+            with model.forced_gates(0.25):
+                logits.append(model(images[0]).logits)
+            logits.append(model(images[1]).logits)
+            weight = next(iter(model.adafilter.gated_layers.values())).finetuned_layer.weight
+            saved = weight.clone()
+            weight.mul_(1.1)
+            logits.append(model(images[2]).logits)
+            weight.copy_(saved)
+        return logits
+
+    monkeypatch.setattr(gated_inference, "INCREMENTAL_MIN_ELEMENTS", 1 << 60)
+    fresh = run()
+    monkeypatch.setattr(gated_inference, "INCREMENTAL_MIN_ELEMENTS", 0)
+    incremental = run()
+    assert all(torch.equal(a, b) for a, b in zip(fresh, incremental, strict=True))
+    kept = [layer._folded for layer in model.adafilter.gated_layers.values()]
+    assert all(folded is not None and folded.last_merged is not None for folded in kept)
+    copied = copy.deepcopy(model)  # the cache (with its lock) stays behind
+    assert all(layer._folded is None for layer in copied.adafilter.gated_layers.values())
 
 
 def test_cost_model_merges_batch_one_and_depthwise():
