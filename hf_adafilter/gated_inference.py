@@ -33,7 +33,8 @@ class FoldedBanks:
     joined_bias: torch.Tensor | None = None
     # Batch 1: the last merged kernel and the gates it holds, updated only where the next image's gates differ.
     last_merged: tuple[torch.Tensor, torch.Tensor] | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    # Created on first use (not under torch.compile, which cannot trace it): one forward at a time updates the kernel.
+    lock: threading.Lock | None = field(default=None, repr=False, compare=False)
 
 
 def tensors_key(tensors: Sequence[torch.Tensor]) -> tuple:
@@ -92,7 +93,7 @@ def merged_forward(
         if folded.weight_finetuned.numel() < INCREMENTAL_MIN_ELEMENTS or torch.compiler.is_compiling():
             weight = torch.lerp(folded.weight_pretrained, folded.weight_finetuned, gates.view(-1, *trailing))
             return op(hidden_states, weight, bias)
-        with folded.lock:  # the kernel is shared state: one forward at a time reads and updates it
+        with _lock_of(folded):  # the kernel is shared state: one forward at a time updates and reads it
             return op(hidden_states, incremental_merged_kernel(folded, gates[0]), bias)
     weight = torch.lerp(
         folded.weight_pretrained, folded.weight_finetuned, gates.view(*gates.shape, *trailing)
@@ -119,6 +120,17 @@ def merged_forward(
         op.groups * batch,
     )
     return out.view(batch, -1, *out.shape[2:])
+
+
+_LOCK_CREATION = threading.Lock()
+
+
+def _lock_of(folded: FoldedBanks) -> threading.Lock:
+    if folded.lock is None:
+        with _LOCK_CREATION:
+            if folded.lock is None:
+                folded.lock = threading.Lock()
+    return folded.lock
 
 
 def incremental_merged_kernel(folded: FoldedBanks, gates: torch.Tensor) -> torch.Tensor:
