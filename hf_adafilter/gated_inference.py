@@ -75,34 +75,33 @@ def fold_banks(
     )
 
 
+def merge_filters(pretrained: torch.Tensor, finetuned: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """`pretrained + g * (finetuned - pretrained)` per filter (dim 0 of the banks) for gates of shape (filters,) or
+    (batch, filters); `lerp` returns an endpoint exactly, so a 0/1 gate picks one bank's filter bit for bit."""
+    return torch.lerp(pretrained, finetuned, gates.view(*gates.shape, *[1] * (pretrained.ndim - 1)))
+
+
 def merged_forward(
     op: BankOp, hidden_states: torch.Tensor, gates: torch.Tensor, folded: FoldedBanks
 ) -> torch.Tensor:
-    """One kernel per layer: example n uses `pretrained + g_n * (finetuned - pretrained)` per filter (`lerp` returns
-    an endpoint exactly, so a 0/1 gate picks the fine-tuned or pre-trained kernel bit for bit), as a grouped conv over
-    the batch when n > 1."""
+    """One kernel per layer: example n uses `merge_filters(pretrained, finetuned, g_n)`, as a grouped conv over the
+    batch when n > 1."""
     batch = hidden_states.shape[0]
-    trailing = [1] * (folded.weight_finetuned.ndim - 1)
     gates = gates.to(folded.weight_finetuned.dtype)
-    if batch == 1:
-        bias = (
-            torch.lerp(folded.bias_pretrained, folded.bias_finetuned, gates[0])
-            if folded.bias_finetuned is not None
-            else None
-        )
-        if folded.weight_finetuned.numel() < INCREMENTAL_MIN_ELEMENTS or torch.compiler.is_compiling():
-            weight = torch.lerp(folded.weight_pretrained, folded.weight_finetuned, gates.view(-1, *trailing))
-            return op(hidden_states, weight, bias)
-        with _lock_of(folded):  # the kernel is shared state: one forward at a time updates and reads it
-            return op(hidden_states, incremental_merged_kernel(folded, gates[0]), bias)
-    weight = torch.lerp(
-        folded.weight_pretrained, folded.weight_finetuned, gates.view(*gates.shape, *trailing)
-    )
+    gates = gates[0] if batch == 1 else gates  # one value per filter, or per example and filter
     bias = (
-        torch.lerp(folded.bias_pretrained, folded.bias_finetuned, gates)
+        merge_filters(folded.bias_pretrained, folded.bias_finetuned, gates)
         if folded.bias_finetuned is not None
         else None
     )
+    if batch == 1:
+        if folded.weight_finetuned.numel() < INCREMENTAL_MIN_ELEMENTS or torch.compiler.is_compiling():
+            return op(
+                hidden_states, merge_filters(folded.weight_pretrained, folded.weight_finetuned, gates), bias
+            )
+        with _lock_of(folded):  # the kernel is shared state: one forward at a time updates and reads it
+            return op(hidden_states, incremental_merged_kernel(folded, gates), bias)
+    weight = merge_filters(folded.weight_pretrained, folded.weight_finetuned, gates)
     if op.linear:
         flat = hidden_states.reshape(batch, -1, hidden_states.shape[-1])
         if bias is None:
@@ -137,19 +136,18 @@ def incremental_merged_kernel(folded: FoldedBanks, gates: torch.Tensor) -> torch
     """The batch-1 merged kernel for `gates` (one value per filter), rebuilt only in the rows whose gate differs from
     the previous call's. Consecutive images mostly make the same decisions (about 95% of filters for a trained Lite0,
     see speed.md), and writing the full kernel, not reading the banks, is what a fresh `lerp` costs. The rows are
-    computed by the same `lerp`, so the kernel equals a fresh one bit for bit."""
-    trailing = [1] * (folded.weight_finetuned.ndim - 1)
+    computed by the same `merge_filters`, so the kernel equals a fresh one bit for bit."""
     if folded.last_merged is None:
-        kernel = torch.lerp(folded.weight_pretrained, folded.weight_finetuned, gates.view(-1, *trailing))
+        kernel = merge_filters(folded.weight_pretrained, folded.weight_finetuned, gates)
         folded.last_merged = kernel, gates.clone()
         return kernel
     kernel, last_gates = folded.last_merged
     changed = (gates != last_gates).nonzero().squeeze(1)
     if changed.numel():
-        rows = torch.lerp(
+        rows = merge_filters(
             folded.weight_pretrained.index_select(0, changed),
             folded.weight_finetuned.index_select(0, changed),
-            gates.index_select(0, changed).view(-1, *trailing),
+            gates.index_select(0, changed),
         )
         kernel.index_copy_(0, changed, rows)
         last_gates.copy_(gates)

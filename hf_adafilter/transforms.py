@@ -99,12 +99,11 @@ def _native_geometry(processor: Any) -> tuple[int | tuple[int, int], tuple[int, 
     family_geometry = family_eval_geometry(processor)
     if family_geometry is not None:
         return family_geometry
+    # A crop_pct with an exact height and width scales that size by 1 / crop_pct (as transformers' processors do).
     if shortest:
         resize: int | tuple[int, int] = int(shortest / crop_pct) if crop_pct else shortest
     elif height and width:
-        if (
-            crop_pct
-        ):  # a crop_pct with an exact size scales the size by 1 / crop_pct (transformers' processors)
+        if crop_pct:
             resize = (
                 int(height / crop_pct) if height == width else (int(height / crop_pct), int(width / crop_pct))
             )
