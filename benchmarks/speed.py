@@ -441,16 +441,16 @@ def compile_section(settings: Settings, config_name: str = "efficientnet-lite0")
     as_built = config.build().eval()
     prepared = config.build().eval()
     get_family(prepared.config.model_type).prepare(prepared)
-    models = {
-        "plain, as transformers builds it": as_built,
-        "plain, after the family's prepare": prepared,
-        "AdaFilter": build_variant(config, "fast").eval(),
-        "AdaFilter, lean gates": build_variant(config, "lean").eval(),
+    models = {  # title: (model, variant)
+        "plain, as transformers builds it": (as_built, "finetune"),
+        "plain, after the family's prepare": (prepared, "finetune"),
+        "AdaFilter": (build_variant(config, "fast").eval(), "fast"),
+        "AdaFilter, lean gates": (build_variant(config, "lean").eval(), "lean"),
     }
     calls, compile_seconds = {}, {}
-    for name, model in models.items():
-        calls[f"{name}|eager"] = make_inference(model, "fast", 1, size, settings)
-        compiled = make_inference(torch.compile(model), "fast", 1, size, settings)
+    for name, (model, variant) in models.items():
+        calls[f"{name}|eager"] = make_inference(model, variant, 1, size, settings)
+        compiled = make_inference(torch.compile(model), variant, 1, size, settings)
         start = time.perf_counter()
         compiled()  # compiles
         compile_seconds[name] = time.perf_counter() - start
