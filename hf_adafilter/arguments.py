@@ -77,6 +77,14 @@ class AdaFilterArguments:
             "evaluation decisions."
         },
     )
+    gate_warmup_ratio: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of the training steps that fine-tune first (every gate on the fine-tuned bank, the gate "
+            "network idle) before the gates learn; with a high --gate_init_log_odds and a gate regulariser, the "
+            "gates then move filters back to the pre-trained bank where that does not cost training loss."
+        },
+    )
     gate_learning_rate: float | None = field(
         default=1e-2,
         metadata={
@@ -119,6 +127,8 @@ class AdaFilterArguments:
         for name in ("gate_noise_start", "gate_noise_end"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")
+        if not 0.0 <= self.gate_warmup_ratio < 1.0:
+            raise ValueError(f"--gate_warmup_ratio must be in [0, 1), got {self.gate_warmup_ratio}.")
         if self.gate_learning_rate is not None and not self.gate_learning_rate > 0:
             raise ValueError(f"--gate_learning_rate must be > 0, got {self.gate_learning_rate}.")
         if self.batchnorm_momentum is not None and not 0.0 < self.batchnorm_momentum <= 1.0:

@@ -21,6 +21,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import psutil
 import torch
 import transformers
@@ -28,7 +29,7 @@ from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from .arguments import AdaFilterArguments, BaselineArguments, DataTrainingArguments, ModelArguments
 from .data import DataError, load_default_dataset, load_image_classification_data
-from .hub import GATE_FRACTIONS_FILE, PLOT_FILE
+from .hub import GATE_FRACTIONS_FILE, PLOT_FILE, PREDICTIONS_FILE
 from .images import check_images
 from .methods import (
     TRAINING_DEFAULTS,
@@ -279,7 +280,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         save_gate_analysis(trainer, training_args.output_dir)
     if training_args.do_predict:
         test_dataset = data.test.with_transform(eval_transform)
-        metrics = trainer.predict(test_dataset, metric_key_prefix="test").metrics
+        prediction = trainer.predict(test_dataset, metric_key_prefix="test")
+        metrics = prediction.metrics
+        if trainer.is_world_process_zero():
+            save_predictions(prediction, data.id2label, training_args.output_dir)
         if adafilter_args.evaluate_forced_gates:
             metrics |= trainer.evaluate_forced_gates(test_dataset, metric_key_prefix="test")
         trainer.log_metrics("test", metrics)
@@ -306,6 +310,17 @@ def save_gate_analysis(trainer, output_dir: str) -> None:
     stages = getattr(trainer.model, "gated_layer_stages", None)
     (Path(output_dir) / GATE_FRACTIONS_FILE).write_text(json.dumps(fractions, indent=2) + "\n")
     plot_gate_fractions(fractions, Path(output_dir) / PLOT_FILE, stages=stages)
+
+
+def save_predictions(prediction, id2label: dict[int, str], output_dir: str) -> None:
+    """`predict_results.txt` (as transformers' example scripts write it): index, label and predicted label of
+    every test image, in the test split's order; a paired comparison of two models reads it image by image."""
+    predicted = np.asarray(prediction.predictions).argmax(-1)
+    lines = ["index\tlabel\tprediction"] + [
+        f"{index}\t{id2label[int(label)]}\t{id2label[int(guess)]}"
+        for index, (label, guess) in enumerate(zip(prediction.label_ids, predicted, strict=True))
+    ]
+    (Path(output_dir) / PREDICTIONS_FILE).write_text("\n".join(lines) + "\n")
 
 
 def model_card_kwargs(model_args: ModelArguments, data_args: DataTrainingArguments) -> dict:

@@ -16,7 +16,10 @@ _NOISE_EPS = 1e-6
 
 
 def straight_through_gates(
-    log_odds: torch.Tensor, temperature: float, noise_scale: float = 1.0
+    log_odds: torch.Tensor,
+    temperature: float,
+    noise_scale: float = 1.0,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Hard 0/1 samples whose gradient is that of the relaxed (Gumbel-softmax) sample.
 
@@ -24,11 +27,15 @@ def straight_through_gates(
     so one noise draw per filter suffices. The temperature only reshapes the gradient: which bank is chosen is
     `log_odds + L > 0` at any temperature. `noise_scale` multiplies L, so annealing it to 0 makes the training
     decisions converge to the evaluation decisions (`log_odds > 0`). `hard + (soft - soft.detach())` is exactly 0
-    or 1 in value (x - x == 0), unlike `hard - soft.detach() + soft`, which can round to 0.99999994.
+    or 1 in value (x - x == 0), unlike `hard - soft.detach() + soft`, which can round to 0.99999994. The noise
+    draws from `generator` when given (on the log-odds' device), so they leave the global RNG, which the data
+    augmentation and dropout draw from, exactly where a model without gates would leave it.
     """
     noisy = log_odds
     if noise_scale > 0:
-        uniform = torch.rand_like(log_odds).clamp_(_NOISE_EPS, 1.0 - _NOISE_EPS)
+        uniform = torch.rand(
+            log_odds.shape, generator=generator, dtype=log_odds.dtype, device=log_odds.device
+        ).clamp_(_NOISE_EPS, 1.0 - _NOISE_EPS)
         noisy = log_odds + noise_scale * (torch.log(uniform) - torch.log1p(-uniform))
     soft = torch.sigmoid(noisy / temperature)
     hard = (noisy > 0).to(soft.dtype)
@@ -78,6 +85,8 @@ class GateController(nn.Module):
         self.temperature = float(temperature)
         self.noise_scale = float(noise_scale)
         self.forced_value: float | None = None
+        # The training noise's own RNG (None: the global one); the trainer seeds one per run.
+        self.noise_generator: torch.Generator | None = None
         self.reset()
 
     def __len__(self) -> int:
@@ -99,7 +108,7 @@ class GateController(nn.Module):
         else:
             log_odds = self._log_odds(index, pooled)
         if self.training:
-            gates = straight_through_gates(log_odds, self.temperature, self.noise_scale)
+            gates = straight_through_gates(log_odds, self.temperature, self.noise_scale, self.noise_generator)
             self._probs[index] = torch.sigmoid(log_odds)
         else:
             gates = (log_odds > 0).to(log_odds.dtype)

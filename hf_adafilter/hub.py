@@ -30,6 +30,7 @@ __all__ = [
 
 PLOT_FILE = "finetuned_fraction_per_layer.png"
 GATE_FRACTIONS_FILE = "gate_fractions.json"
+PREDICTIONS_FILE = "predict_results.txt"
 PAPER_URL = "https://arxiv.org/abs/1911.09659"
 CITATION = """@inproceedings{guo2020adafilter,
   title     = {AdaFilter: Adaptive Filter Fine-Tuning for Deep Transfer Learning},

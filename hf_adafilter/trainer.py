@@ -69,12 +69,27 @@ class GateScheduleCallback(TrainerCallback):
         adafilter = _adafilter(model)
         if adafilter is not None:
             a = self.args
+            # Warm-up (`gate_warmup_ratio`): plain fine-tuning of the fine-tuned bank, every gate on it; the gate
+            # schedules then run over the remaining steps.
+            warmup = round(a.gate_warmup_ratio * max_steps)
+            warming = step < warmup
+            adafilter.gate_controller.forced_value = 1.0 if warming else None
+            step, max_steps = max(step - warmup, 0), max_steps - warmup
             adafilter.set_gumbel_temperature(
                 gumbel_temperature_at(step, max_steps, a.gumbel_temperature_start, a.gumbel_temperature_end)
             )
             adafilter.gate_controller.noise_scale = gate_noise_at(
                 step, max_steps, a.gate_noise_start, a.gate_noise_end
             )
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        # The gate noise gets its own RNG, seeded per run (and rank): the global stream that augmentation and dropout
+        # draw from then does not depend on the method, so a fine-tuning run and an AdaFilter run with the same seed
+        # see the same crops in the same order (a paired comparison).
+        adafilter = _adafilter(model)
+        if adafilter is not None:
+            generator = torch.Generator(device=adafilter.device)
+            adafilter.gate_controller.noise_generator = generator.manual_seed(args.seed + args.process_index)
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         self._set(model, state.global_step, state.max_steps)

@@ -438,3 +438,40 @@ def test_download_flags_reach_the_adafilter_backbone(workspace, tmp_path, monkey
     run_example.main(run_args(workspace, tmp_path / "out", "adafilter", "--max_steps", "1", "--cache_dir", cache,
                               "--model_revision", "main", "--token", "hf_test"))  # fmt: skip
     assert (calls[0]["revision"], calls[0]["cache_dir"], calls[0]["token"]) == ("main", cache, "hf_test")
+
+
+def test_fine_tuning_and_adafilter_see_the_same_augmentation_draws(workspace, tmp_path, monkeypatch):
+    """The gate noise has its own RNG, so a paired comparison is paired: same seed, same crops, same flips."""
+    import hf_adafilter.transforms as transforms
+
+    original = transforms.random_resized_crop_box
+    for method in ("finetune", "adafilter"):
+        boxes: list[tuple] = []
+        monkeypatch.setattr(transforms, "random_resized_crop_box", lambda *a, **k: boxes.append(original(*a, **k)) or boxes[-1])
+        run_example.main(run_args(workspace, tmp_path / method, method, "--max_steps", "6"))
+        if method == "finetune":
+            finetune_boxes = boxes
+    assert len(boxes) >= 6 * 8 and boxes == finetune_boxes
+
+
+def test_gate_warmup_fine_tunes_first_then_the_gates_learn(workspace, tmp_path):
+    output_dir = tmp_path / "warmup"
+    run_example.main(run_args(workspace, output_dir, "adafilter", "--max_steps", "6", "--gate_warmup_ratio", "0.5",
+                              "--gate_init_log_odds", "-6"))  # fmt: skip
+    logs = [e for e in json.loads((output_dir / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    fractions = [e["gates/finetuned_fraction"] for e in logs]
+    assert fractions[:3] == [1.0, 1.0, 1.0]  # warm-up: every gate on the fine-tuned bank
+    assert max(fractions[3:]) < 0.1  # then the gates decide (a prior of -6 picks the pre-trained bank)
+    with pytest.raises(ValueError, match="gate_warmup_ratio"):
+        run_example.parse_args(run_args(workspace, output_dir, "adafilter", "--gate_warmup_ratio", "1"))
+
+
+def test_do_predict_writes_the_prediction_of_every_test_image(workspace, tmp_path):
+    output_dir = tmp_path / "predict"
+    args = run_args(workspace, output_dir, "finetune", "--test_dir", str(workspace["val"]), "--do_predict")
+    results = run_example.main(args)
+    lines = (output_dir / "predict_results.txt").read_text().splitlines()
+    assert lines[0] == "index\tlabel\tprediction" and len(lines) == 1 + 2 * 4
+    rows = [line.split("\t") for line in lines[1:]]
+    assert [int(row[0]) for row in rows] == list(range(8)) and {row[1] for row in rows} == set(CLASSES)
+    assert sum(label == guess for _, label, guess in rows) / 8 == pytest.approx(results["test_accuracy"])
