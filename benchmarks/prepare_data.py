@@ -87,6 +87,9 @@ class Sizes:
     tuxpaint_max_per_class: int | None = None
     # Caps tuxpaint's train split per class (its 60% share otherwise); what is cut goes to validation and test.
     tuxpaint_train_per_class: int | None = None
+    # With a train cap: fixes validation (or test) per class; the other split takes the rest (None: equal halves).
+    tuxpaint_validation_per_class: int | None = None
+    tuxpaint_test_per_class: int | None = None
 
 
 SCALES = {
@@ -100,7 +103,20 @@ SCALES = {
     "quick": Sizes(train_per_class=6, validation_per_class=3, test_per_class=3, tuxpaint_max_per_class=10),
     # GPU scale: closer to the paper's data sizes.
     "full": Sizes(train_per_class=1000, validation_per_class=200, test_per_class=500),
-}
+    # The natural-image protocol: many stratified splits of the Tux Paint photos (the split seed), 20 training
+    # images per class. Test splits put every other image in test (2 per class validate, unused for choices);
+    # selection splits put them in validation instead, so choices see many images and no test split is read.
+    "natural": Sizes(
+        train_per_class=0, validation_per_class=0, test_per_class=0, tuxpaint_train_per_class=20,
+        tuxpaint_validation_per_class=2,
+    ),
+    "natural_select": Sizes(
+        train_per_class=0, validation_per_class=0, test_per_class=0, tuxpaint_train_per_class=20,
+        tuxpaint_test_per_class=2,
+    ),
+    # More data: 60% of every class trains (the default 60/20/20 split), on new split seeds.
+    "natural_large": Sizes(train_per_class=0, validation_per_class=0, test_per_class=0),
+}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -210,15 +226,22 @@ def stratified_split(
     fractions: tuple[float, float, float],
     rng: np.random.Generator,
     train_cap: int | None = None,
+    validation_count: int | None = None,
+    test_count: int | None = None,
 ) -> list[list[tuple[int, int]]]:
     """[(class, item)] per split, each class cut 60/20/20 (rounded, >= 1 per split) after a seeded shuffle; with
-    `train_cap`, train keeps at most that many per class and validation and test share the rest equally."""
+    `train_cap`, train keeps at most that many per class and validation and test share the rest: equally, or
+    `validation_count` (or `test_count`) per class for one and the rest for the other."""
     splits: list[list[tuple[int, int]]] = [[], [], []]
     for cls, count in enumerate(num_per_class):
         order = rng.permutation(count)
         n_val = max(1, round(count * fractions[1]))
         n_test = max(1, round(count * fractions[2]))
-        if train_cap is not None and count - n_val - n_test > train_cap:
+        if train_cap is not None and (validation_count, test_count) != (None, None):
+            rest = count - min(train_cap, count - 2)  # a fixed train size, where the class has it
+            n_val = min(validation_count, rest - 1) if validation_count is not None else max(1, rest - test_count)
+            n_test = rest - n_val
+        elif train_cap is not None and count - n_val - n_test > train_cap:
             n_val = (count - train_cap) // 2
             n_test = count - train_cap - n_val
         cuts = (
@@ -319,7 +342,12 @@ def build_tuxpaint_task(data_dir: Path, sizes: Sizes, seed: int) -> tuple[dict, 
     classes = tuple(categories)
     members = list(categories.values())
     parts = stratified_split(
-        [len(paths) for paths in members], (0.6, 0.2, 0.2), rng, train_cap=sizes.tuxpaint_train_per_class
+        [len(paths) for paths in members],
+        (0.6, 0.2, 0.2),
+        rng,
+        train_cap=sizes.tuxpaint_train_per_class,
+        validation_count=sizes.tuxpaint_validation_per_class,
+        test_count=sizes.tuxpaint_test_per_class,
     )
     rows = {}
     for split, items in zip(SPLITS, parts, strict=True):
@@ -350,8 +378,9 @@ BUILDERS: dict[str, Callable[[Path, Sizes, int], tuple[dict, dict]]] = {
 TASKS = tuple(BUILDERS)
 
 
-def task_dir(task: str, data_dir: Path = DEFAULT_DATA_DIR, scale: str = "default") -> Path:
-    return Path(data_dir) / scale / task
+def task_dir(task: str, data_dir: Path = DEFAULT_DATA_DIR, scale: str = "default", seed: int = 0) -> Path:
+    """`<data_dir>/<scale>/<task>`; other split seeds than 0 beside it as `<task>-split<seed>`."""
+    return Path(data_dir) / scale / (task if seed == 0 else f"{task}-split{seed}")
 
 
 def prepare_task(
@@ -361,7 +390,7 @@ def prepare_task(
     if task not in BUILDERS:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     sizes = SCALES[scale]
-    out = task_dir(task, data_dir, scale)
+    out = task_dir(task, data_dir, scale, seed)
     wanted = {"format": FORMAT_VERSION, "task": task, "scale": scale, "seed": seed, "sizes": asdict(sizes)}
     record_path = out / "prepare.json"
     if not force and record_path.is_file() and all((out / f"{s}.parquet").is_file() for s in SPLITS):

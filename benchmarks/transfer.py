@@ -59,6 +59,11 @@ METHODS: dict[str, tuple[str, ...]] = {
     "adafilter_no_gated_norm": ("--method", "adafilter", "--gated_norm", "false"),
     # Lean gate networks (speed issue): kept only if paired runs at AdaFilter's LR and seeds show no accuracy loss.
     "adafilter_gates16": ("--method", "adafilter", "--gate_input_size", "16", "--gate_hidden_size", "16"),
+    # Recipe variants after SpotTune (the authors' code), compared with AdaFilter's defaults on validation splits.
+    "adafilter_gated_stem": ("--method", "adafilter", "--exclude_modules", r".*\.squeeze_excite\..*"),
+    "adafilter_constant_noise": ("--method", "adafilter", "--gumbel_temperature_end", "5", "--gate_noise_end", "1"),
+    "adafilter_finetune_first": ("--method", "adafilter", "--gate_warmup_ratio", "0.5", "--gate_init_log_odds", "4",
+                                 "--gate_regularization", "l1", "--gate_regularization_weight", "0.1"),
     "l2sp": ("--method", "l2sp"),
     "lora": ("--method", "lora"),
     "bitfit": ("--method", "bitfit"),
@@ -70,6 +75,9 @@ METHOD_TITLES = {
     "adafilter_independent": "AdaFilter, independent gates (ablation)",
     "adafilter_no_gated_norm": "AdaFilter, no gated BN (ablation)",
     "adafilter_gates16": "AdaFilter, gate network 16 wide (lean)",
+    "adafilter_gated_stem": "AdaFilter, stem gated (trained in F)",
+    "adafilter_constant_noise": "AdaFilter, constant temperature 5 and noise (SpotTune)",
+    "adafilter_finetune_first": "AdaFilter, fine-tune first, then gate (L1 towards S)",
     "l2sp": "L2-SP fine-tuning",
     "lora": "LoRA (PEFT)",
     "bitfit": "BitFit (biases, norms, head)",
@@ -80,6 +88,7 @@ EXTENDED_METHODS = (*CORE_METHODS, "l2sp", "lora", "bitfit")
 ADAFILTER_METHODS = tuple(m for m in METHODS if m.startswith("adafilter"))
 # Gate-network variants measured against AdaFilter's defaults at its chosen LR and seeds (paired).
 LEAN_GATE_METHODS = ("adafilter_gates16",)
+RECIPE_VARIANTS = ("adafilter_gated_stem", "adafilter_constant_noise", "adafilter_finetune_first")
 # Relative cost of a training step (fine-tuning = 1), for the estimate printed before the first run is timed.
 # Measured at 96 px, batch 32, 2 threads, in the quietest minutes of a shared machine (best of 6 steps): fine-tuning
 # 0.40 s, AdaFilter variants 0.80-0.86 s, linear probe 0.10 s; evaluation ~4 ms per image (AdaFilter ~6.5 ms).
@@ -117,7 +126,7 @@ class Budget:
     train_batch_size: int
     eval_batch_size: int
     seeds: tuple[int, ...]  # final runs (train, validation, test once each)
-    selection_seed: int  # LR selection runs (validation only)
+    selection_seeds: tuple[int, ...]  # LR selection runs (validation only), pooled
     lr_grids: dict[str, tuple[float, ...]]
     max_steps: int | None = None  # a fixed number of steps for every task...
     epochs: int | None = None  # ...or of passes over each task's training split (trained to convergence)
@@ -134,6 +143,12 @@ class Budget:
     batchnorm_momentum: float | None = None
     gate_learning_rate: float | None = None
     dataloader_workers: int = 0
+    # Each seed its own stratified split of the task (split seed = run seed): `scale` for the final seeds, every
+    # non-training image in test; `selection_scale` for the selection seeds, every such image in validation. Every
+    # method then also gets validation runs where it takes another's LR (the recipe variants are compared there).
+    resplit: bool = False
+    selection_scale: str | None = None
+    tasks: tuple[str, ...] | None = None  # the preset's packaged tasks (None: all)
 
     def __post_init__(self) -> None:
         if (self.max_steps is None) == (self.epochs is None):
@@ -160,7 +175,7 @@ PRESETS: dict[str, Budget] = {
         train_batch_size=32,
         eval_batch_size=100,
         seeds=(1, 2, 3),
-        selection_seed=0,
+        selection_seeds=(0,),
         lr_grids={
             "linear_probe": (3e-3, 1e-2, 3e-2),
             "finetune": (3e-4, 1e-3, 3e-3),
@@ -182,9 +197,28 @@ PRESETS: dict[str, Budget] = {
         train_batch_size=32,
         eval_batch_size=100,
         seeds=(1, 2, 3),
-        selection_seed=0,
+        selection_seeds=(0,),
         lr_grids={m: _SHORT_PROBE_GRID if m in _FEW_PARAMETERS else _SHORT_GRID for m in METHODS},
         lr_from={m: "adafilter" for m in LEAN_GATE_METHODS},
+    ),
+    # The natural-image protocol: Tux Paint photos, 20 training images per class, 15 independent stratified splits,
+    # each a paired replicate (same images, order and augmentation draws for every method); choices are made on
+    # 2 other splits' validation images, pooled.
+    "natural": Budget(
+        scale="natural",
+        selection_scale="natural_select",
+        resplit=True,
+        tasks=("tuxpaint",),
+        image_size=96,
+        epochs=30,
+        train_batch_size=32,
+        eval_batch_size=100,
+        seeds=tuple(range(1, 16)),
+        selection_seeds=(101, 102),
+        lr_grids={m: (3e-3, 1e-2, 3e-2) if m in _FEW_PARAMETERS else (3e-4, 1e-3, 3e-3) for m in METHODS},
+        min_crop_scale=0.25,
+        lr_from={m: "adafilter" for m in RECIPE_VARIANTS + LEAN_GATE_METHODS},
+        grid_extensions=1,
     ),
     "quick": Budget(
         scale="quick",
@@ -193,7 +227,7 @@ PRESETS: dict[str, Budget] = {
         train_batch_size=8,
         eval_batch_size=32,
         seeds=(1,),
-        selection_seed=0,
+        selection_seeds=(0,),
         lr_grids={m: (1e-2,) if m in _FEW_PARAMETERS else (1e-3,) for m in METHODS},
         warmup=0.0,
     ),
@@ -204,7 +238,7 @@ PRESETS: dict[str, Budget] = {
         train_batch_size=64,
         eval_batch_size=128,
         seeds=(1, 2, 3),
-        selection_seed=0,
+        selection_seeds=(0,),
         lr_grids={m: (1e-3, 3e-3, 1e-2) if m in _FEW_PARAMETERS else (1e-4, 3e-4, 1e-3) for m in METHODS},
         dataloader_workers=4,
     ),
@@ -219,6 +253,11 @@ class Task:
     name: str
     data_args: tuple[str, ...]
     record: dict = field(default_factory=dict, compare=False, hash=False)
+    # Resplit presets: the data flags of each seed's own split (selection and final seeds).
+    split_data_args: dict[int, tuple[str, ...]] = field(default_factory=dict, compare=False, hash=False)
+
+    def data_args_for(self, seed: int) -> tuple[str, ...]:
+        return self.split_data_args.get(seed, self.data_args)
 
 
 @dataclass(frozen=True)
@@ -304,6 +343,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--resume", action="store_true", help="reuse finished runs with identical settings")
     parser.add_argument("--dry_run", action="store_true", help="print the plan and the estimate, run nothing")
+    parser.add_argument(
+        "--selection_only",
+        action="store_true",
+        help="run only the validation runs (LR selection, recipe variants), print them, and stop before any test",
+    )
     parser.add_argument("--keep_run_dirs", action="store_true", help="keep each run's output_dir and log")
     custom = parser.add_argument_group(
         "a task of your own (examples/run.py data flags; it needs a test split)"
@@ -357,12 +401,23 @@ def resolve_tasks(args: argparse.Namespace, budget: Budget) -> list[Task]:
     """Prepared packaged tasks (built on first use) plus the custom one; a missing package stops with its
     install command."""
     custom = custom_task(args)
-    names = args.tasks if args.tasks is not None else ([] if custom else list(prepare_data.TASKS))
+    if custom and budget.resplit:
+        raise SystemExit("error: a resplit preset splits packaged tasks itself; give your task another preset")
+    packaged = list(budget.tasks or prepare_data.TASKS)
+    names = args.tasks if args.tasks is not None else ([] if custom else packaged)
     tasks = []
     for name in names:
-        folder = prepare_data.prepare_task(name, args.data_dir, budget.scale)
+        splits = {}
+        if budget.resplit:
+            for seeds, scale in ((budget.seeds, budget.scale), (budget.selection_seeds, budget.selection_scale)):
+                for seed in seeds:
+                    split = prepare_data.prepare_task(name, args.data_dir, scale, seed=seed)
+                    splits[seed] = ("--dataset_name", str(split))
+            folder = Path(splits[budget.seeds[0]][1])
+        else:
+            folder = prepare_data.prepare_task(name, args.data_dir, budget.scale)
         record = json.loads((folder / "prepare.json").read_text())
-        tasks.append(Task(name=name, data_args=("--dataset_name", str(folder)), record=record))
+        tasks.append(Task(name, ("--dataset_name", str(folder)), record, split_data_args=splits))
     if custom:
         tasks.append(custom)
     if not tasks:
@@ -392,7 +447,7 @@ def run_argv(spec: RunSpec, task: Task, budget: Budget, model: str, output_dir: 
     flips = not (budget.task_aware_flips and task.name in prepare_data.MIRROR_SENSITIVE_TASKS)
     return [
         "--model_name_or_path", model,
-        *task.data_args,
+        *task.data_args_for(spec.seed),
         *METHODS[spec.method],
         "--output_dir", str(output_dir),
         "--overwrite_output_dir",
@@ -440,7 +495,11 @@ def plan_runs(tasks: Sequence[Task], methods: Sequence[str], budget: Budget) -> 
         for method in ordered:
             grid = budget.lr_grids.get(method, ())
             if method not in budget.lr_from and len(grid) > 1:
-                runs += [RunSpec(task.name, method, lr, budget.selection_seed, "select") for lr in grid]
+                runs += [
+                    RunSpec(task.name, method, lr, seed, "select")
+                    for lr in grid
+                    for seed in budget.selection_seeds
+                ]
             runs += [RunSpec(task.name, method, math.nan, seed, "final") for seed in budget.seeds]
     return runs
 
@@ -489,7 +548,7 @@ def worker(result_path: str, threads: int, argv: list[str]) -> None:
     if threads:
         torch.set_num_threads(threads)
     from hf_adafilter import cli
-    from hf_adafilter.hub import GATE_FRACTIONS_FILE
+    from hf_adafilter.hub import GATE_FRACTIONS_FILE, PREDICTIONS_FILE
 
     start_cpu, start = time.process_time(), time.perf_counter()
     metrics = cli.main(argv)
@@ -505,10 +564,20 @@ def worker(result_path: str, threads: int, argv: list[str]) -> None:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "torch_threads": torch.get_num_threads(),
         "eval_gate_fractions_per_layer": json.loads(gate_file.read_text()) if gate_file.is_file() else None,
+        # Per test image, in the split's order, "1" where the prediction was right: pairs two methods image by image.
+        "test_correct": test_correctness(output_dir / PREDICTIONS_FILE),
         # The gate diagnostics of the last logged training steps: are the training decisions the evaluation ones?
         "last_train_gate_log": gate_logs[-1] if gate_logs else None,
     }
     Path(result_path).write_text(json.dumps(result, indent=1) + "\n")
+
+
+def test_correctness(path: Path) -> str | None:
+    """`predict_results.txt` as a string of 0/1 per test image (None without a test split)."""
+    if not path.is_file():
+        return None
+    rows = [line.split("\t") for line in path.read_text().splitlines()[1:] if line]
+    return "".join("1" if label == prediction else "0" for _, label, prediction in rows)
 
 
 def method_costs(methods: Sequence[str], model: str, num_labels: int, work_dir: Path) -> dict[str, dict]:
@@ -544,12 +613,24 @@ def method_costs(methods: Sequence[str], model: str, num_labels: int, work_dir: 
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def pooled_validation(selection: Sequence[dict]) -> dict[float, tuple[float, float]]:
+    """{LR: (validation accuracy, loss)}, each the mean over the selection seeds that ran it."""
+    by_lr: dict[float, list[dict]] = defaultdict(list)
+    for result in selection:
+        by_lr[result["learning_rate"]].append(result["metrics"])
+    return {
+        lr: (statistics.fmean(m["eval_accuracy"] for m in runs), statistics.fmean(m["eval_loss"] for m in runs))
+        for lr, runs in by_lr.items()
+    }
+
+
 def choose_learning_rate(selection: Sequence[dict], grid: Sequence[float]) -> float:
-    """Best validation accuracy; ties go to the lower validation loss, then to the first LR of the grid."""
+    """Best validation accuracy, pooled over the selection seeds; ties go to the lower validation loss, then to
+    the first LR of the grid."""
     if not selection:
         return grid[0]
-    best = max(selection, key=lambda r: (r["metrics"]["eval_accuracy"], -r["metrics"]["eval_loss"]))
-    return best["learning_rate"]
+    pooled = pooled_validation(selection)
+    return max(pooled, key=lambda lr: (pooled[lr][0], -pooled[lr][1]))
 
 
 def prior_estimate_s(
@@ -634,26 +715,29 @@ def run_suite(args: argparse.Namespace, budget: Budget, tasks: Sequence[Task], w
 
     def select(task: str, method: str) -> float:
         """The best LR on validation; at an edge of what was tried, the grid grows by one step that way (up to
-        `budget.grid_extensions` times), so the choice is bracketed."""
+        `budget.grid_extensions` times), so the choice is bracketed. A method that takes another's LR gets
+        validation runs at it in resplit presets (where the recipe variants are compared)."""
         source = budget.lr_from.get(method)
-        if source is not None and (task, source) in chosen:
+        if source is not None:
+            if (task, source) not in chosen:
+                chosen[(task, source)] = select(task, source)
+            if budget.resplit:
+                for seed in budget.selection_seeds:
+                    run(RunSpec(task, method, chosen[(task, source)], seed, "select"))
             return chosen[(task, source)]
-        grid = budget.lr_grids.get(method) or budget.lr_grids[source]
+        grid = budget.lr_grids[method]
         while True:  # ends: each pass runs one more LR, and the cap on extensions returns
             selection = [
                 r for r in done if r["phase"] == "select" and (r["task"], r["method"]) == (task, method)
             ]
             best = choose_learning_rate(selection, grid)
-            tried = sorted(r["learning_rate"] for r in selection)
-            if (
-                len(tried) < 2
-                or tried[0] < best < tried[-1]
-                or len(selection) - len(grid) >= budget.grid_extensions
-            ):
+            tried = sorted({r["learning_rate"] for r in selection})
+            if len(tried) < 2 or tried[0] < best < tried[-1] or len(tried) - len(grid) >= budget.grid_extensions:
                 return best
             # One more step of the grid's own spacing at that end.
             lr = best * grid[-1] / grid[-2] if best == tried[-1] else best * grid[0] / grid[1]
-            run(RunSpec(task, method, float(f"{lr:.3g}"), budget.selection_seed, "select"))
+            for seed in budget.selection_seeds:
+                run(RunSpec(task, method, float(f"{lr:.3g}"), seed, "select"))
 
     while pending:
         spec = pending.pop(0)
@@ -661,6 +745,8 @@ def run_suite(args: argparse.Namespace, budget: Budget, tasks: Sequence[Task], w
             key = (spec.task, spec.method)
             if key not in chosen:
                 chosen[key] = select(*key)
+            if args.selection_only:
+                continue
             spec = replace(spec, learning_rate=chosen[key])
         run(spec)
     return done
@@ -673,8 +759,12 @@ def load_cache(path: Path) -> dict[str, dict]:
 
 
 def append_cache(path: Path, result: dict) -> None:
-    with path.open("a") as handle:
-        handle.write(json.dumps(result) + "\n")
+    """One `write` of the whole line on an O_APPEND file: two suites sharing a cache never interleave lines."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(descriptor, (json.dumps(result) + "\n").encode())
+    finally:
+        os.close(descriptor)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -693,8 +783,10 @@ def mean_or_none(values: Sequence[float | None]) -> float | None:
     return statistics.fmean(values) if values and all(v is not None for v in values) else None
 
 
-# Two-sided 95% Student t quantiles by degrees of freedom (for paired per-seed differences over a few seeds).
-T_QUANTILE_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+def t_quantile(probability: float, df: int) -> float:
+    from scipy import stats
+
+    return float(stats.t.ppf(probability, df))
 
 
 def mean_interval(values: Sequence[float]) -> tuple[float, float | None]:
@@ -703,8 +795,58 @@ def mean_interval(values: Sequence[float]) -> tuple[float, float | None]:
     mean = statistics.fmean(values)
     if len(values) < 2:
         return mean, None
-    quantile = T_QUANTILE_975.get(len(values) - 1, 1.96)
-    return mean, quantile * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, t_quantile(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def detectable_effect(values: Sequence[float], power: float = 0.8) -> float | None:
+    """The smallest true mean difference a two-sided paired t test at 5% detects with `power`, given the spread of
+    these paired differences: (t_0.975 + t_power) * sd / sqrt(n)."""
+    values = list(values)
+    if len(values) < 2:
+        return None
+    df = len(values) - 1
+    return (t_quantile(0.975, df) + t_quantile(power, df)) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def mcnemar(reference: Sequence[str], method: Sequence[str]) -> dict:
+    """Exact McNemar test over every test image of every split, pooled: `reference_only` images only the
+    reference got right, `method_only` only the method; p the two-sided binomial p of that split of discordant
+    images."""
+    from scipy import stats
+
+    reference_only = method_only = 0
+    for ref, other in zip(reference, method, strict=True):
+        if len(ref) != len(other):
+            raise ValueError("paired runs disagree on the number of test images")
+        reference_only += sum(a == "1" and b == "0" for a, b in zip(ref, other, strict=True))
+        method_only += sum(a == "0" and b == "1" for a, b in zip(ref, other, strict=True))
+    discordant = reference_only + method_only
+    p = stats.binomtest(min(reference_only, method_only), discordant, 0.5).pvalue if discordant else 1.0
+    return {"reference_only": reference_only, "method_only": method_only, "p": float(p),
+            "images": sum(len(ref) for ref in reference)}  # fmt: skip
+
+
+def add_paired_statistics(cells: dict, tasks: Sequence[str], reference: str = "finetune") -> None:
+    """Per task and method, against `reference` on the same seeds (= splits in resplit presets): `splits`,
+    `paired_mean` and `paired_ci95` ([low, high]) of the method's test error minus the reference's (points),
+    `detectable_effect` (points, 80% power) and, where every run kept its per-image results, `mcnemar`."""
+    for task in tasks:
+        ref = cells.get(task, {}).get(reference)
+        if ref is None:
+            continue
+        for method, cell in cells[task].items():
+            if method == reference:
+                continue
+            seeds = sorted(set(ref["test_accuracy_per_seed"]) & set(cell["test_accuracy_per_seed"]))
+            diffs = [100 * (ref["test_accuracy_per_seed"][s] - cell["test_accuracy_per_seed"][s]) for s in seeds]
+            if not diffs:
+                continue
+            mean, half = mean_interval(diffs)
+            cell.update(splits=len(diffs), paired_mean=mean, detectable_effect=detectable_effect(diffs),
+                        paired_ci95=None if half is None else [mean - half, mean + half])  # fmt: skip
+            correct = [(ref["test_correct_per_seed"].get(s), cell["test_correct_per_seed"].get(s)) for s in seeds]
+            if all(a is not None and b is not None for a, b in correct):
+                cell["mcnemar"] = mcnemar([a for a, _ in correct], [b for _, b in correct])
 
 
 def collapsed_layers(fractions: dict[str, float] | None) -> tuple[int, int, int]:
@@ -733,10 +875,11 @@ def summarize(results: Sequence[dict], tasks: Sequence[str], methods: Sequence[s
             accuracy = mean_std([r["metrics"]["test_accuracy"] for r in finals])
             cell = {
                 "learning_rate": finals[0]["learning_rate"],
-                "selection": {f"{r['learning_rate']:g}": r["metrics"]["eval_accuracy"] for r in selection},
+                "selection": {f"{lr:g}": acc for lr, (acc, _) in sorted(pooled_validation(selection).items())},
                 "test_accuracy_mean": accuracy[0],
                 "test_accuracy_std": accuracy[1],
                 "test_accuracy_per_seed": {r["seed"]: r["metrics"]["test_accuracy"] for r in finals},
+                "test_correct_per_seed": {r["seed"]: r.get("test_correct") for r in finals},
                 "validation_accuracy_mean": mean_std([r["metrics"]["eval_accuracy"] for r in finals])[0],
                 "train_accuracy_mean": mean_or_none(
                     [r["metrics"].get("train_eval_accuracy") for r in finals]
@@ -768,6 +911,7 @@ def summarize(results: Sequence[dict], tasks: Sequence[str], methods: Sequence[s
                 cell["collapsed_layers_all1"] = statistics.fmean(c[1] for c in collapse)
                 cell["gated_layers"] = collapse[0][2]
             cells[task][method] = cell
+    add_paired_statistics(cells, tasks)
     return {
         "cells": cells,
         "differences": error_differences(cells, tasks, methods),
@@ -833,6 +977,34 @@ def reversed_difference(entry: dict) -> dict:
     }
 
 
+def validation_table(
+    results: Sequence[dict], names: Sequence[str], methods: Sequence[str], budget: Budget
+) -> list[str]:
+    """The validation runs only (no test split read): per task, method and LR, pooled over the selection seeds,
+    accuracy and, for AdaFilter variants, the same models with every gate forced to F and to S, the share of
+    example-dependent filters and the fine-tuned fraction. What the recipe is chosen on."""
+    lines = [f"# Validation runs ({seeds_text(budget.selection_seeds)}, mean)", "",
+             "| task | method | LR | validation acc | all F | all S | example-dependent | fine-tuned fraction | "
+             "train acc |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for task in names:
+        for method in methods:
+            selection = [r for r in results if (r["task"], r["method"], r["phase"]) == (task, method, "select")]
+            by_lr: dict[float, list[dict]] = defaultdict(list)
+            for r in selection:
+                by_lr[r["learning_rate"]].append(r["metrics"])
+            for lr, runs in sorted(by_lr.items()):
+
+                def mean_of(key: str, scale: float = 100.0, runs=runs) -> str:
+                    value = mean_or_none([m.get(key) for m in runs])
+                    return "–" if value is None else f"{scale * value:.1f}" if scale == 100 else f"{value:.3f}"
+
+                lines.append(f"| {task} | {METHOD_TITLES[method]} | {lr:g} | {mean_of('eval_accuracy')} | "
+                             f"{mean_of('eval_forced_finetuned_accuracy')} | {mean_of('eval_forced_pretrained_accuracy')} | "
+                             f"{mean_of('eval_gates/example_dependent', 1)} | {mean_of('eval_gates/finetuned_fraction', 1)} | "
+                             f"{mean_of('train_eval_accuracy')} |")  # fmt: skip
+    return lines
+
+
 def percent(mean: float, std: float | None = None) -> str:
     return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
 
@@ -882,7 +1054,10 @@ def write_markdown(
     if quick:
         lines += ["> Produced by `--quick`: tiny subsets, a few steps, one seed. It checks that the pipeline runs; "
                   "its numbers say nothing about AdaFilter.", ""]  # fmt: skip
-    lines += [verdict(differences, names, quick), "", "## Test accuracy (%), mean ± std over seeds", ""]
+    lines += [verdict(differences, names, quick), ""]
+    if budget.resplit:
+        lines += [paired_verdict(cells, name) for name in names] + [""]
+    lines += ["## Test accuracy (%), mean ± std over seeds", ""]
     lines += [
         "| method | "
         + " | ".join(names)
@@ -908,6 +1083,7 @@ def write_markdown(
     for method, diff in differences.items():
         lines.append("| " + METHOD_TITLES[method] + " | "
                      + " | ".join(f"{diff['per_task'][t]:+.2f}" if t in diff["per_task"] else "–" for t in names) + " |")  # fmt: skip
+    lines += paired_section(cells, names, methods)
     lines += versus_section(report.get("adafilter_vs", {}), names)
     lines += fit_section(cells, names, methods)
     lines += gate_section(cells, names, methods)
@@ -916,6 +1092,48 @@ def write_markdown(
     lines += selection_section(cells, names, methods, budget)
     lines += setup_section(tasks, budget, meta)
     path.write_text("\n".join(lines) + "\n")
+
+
+def paired_verdict(cells: dict, task: str) -> str:
+    """The powered answer on one task: AdaFilter's paired difference to fine-tuning, its interval, what the design
+    could detect, and whether the learned gates beat all-F."""
+    ada = cells.get(task, {}).get("adafilter")
+    if ada is None or ada.get("paired_ci95") is None:
+        return f"{task}: AdaFilter and fine-tuning were not both run on two or more splits."
+    low, high = ada["paired_ci95"]
+    outcome = "fewer" if high < 0 else "more" if low > 0 else "neither fewer nor more (the interval includes 0)"
+    test = ada.get("mcnemar")
+    mcnemar_text = (f"; pooled McNemar over {test['images']} test images: fine-tuning alone right on "
+                    f"{test['reference_only']}, AdaFilter alone on {test['method_only']}, p = {test['p']:.3g}"
+                    if test else "")  # fmt: skip
+    forced = ada.get("forced_finetuned_test_accuracy_mean")
+    gates = (f" Learned gates {percent(ada['test_accuracy_mean'])}% vs all-F {percent(forced)}%."
+             if forced is not None else "")  # fmt: skip
+    return (f"**{task}, {ada['splits']} paired splits: AdaFilter makes {outcome} errors than fine-tuning**: "
+            f"{ada['paired_mean']:+.2f} points (95% CI [{low:+.2f}, {high:+.2f}]; the design detects "
+            f"{ada['detectable_effect']:.2f} points at 80% power{mcnemar_text}).{gates}")  # fmt: skip
+
+
+def paired_section(cells: dict, names: Sequence[str], methods: Sequence[str]) -> list[str]:
+    """Per task: each method's test error minus fine-tuning's over the paired seeds (splits)."""
+    rows = [(task, method, cells[task][method]) for task in names for method in methods
+            if cells.get(task, {}).get(method, {}).get("paired_ci95") is not None]  # fmt: skip
+    if not rows:
+        return []
+    lines = ["", "## Paired per task: test error minus fine-tuning's (points)", "",
+             "Over the seeds both ran (in resplit presets each seed is its own split, so a seed is an independent "
+             "replicate); 95% t interval; the smallest effect a paired t test detects at 80% power; the exact "
+             "McNemar test pooled over every test image of every split.", "",
+             "| task | method | splits | mean | 95% CI | detectable (80% power) | FT only right / method only right | McNemar p |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for task, method, cell in rows:
+        low, high = cell["paired_ci95"]
+        test = cell.get("mcnemar")
+        counts = f"{test['reference_only']} / {test['method_only']}" if test else "–"
+        p_value = f"{test['p']:.3g}" if test else "–"
+        lines.append(f"| {task} | {METHOD_TITLES[method]} | {cell['splits']} | {cell['paired_mean']:+.2f} | "
+                     f"[{low:+.2f}, {high:+.2f}] | {cell['detectable_effect']:.2f} | {counts} | {p_value} |")  # fmt: skip
+    return lines
 
 
 def interval_text(diff: dict) -> str:
@@ -1037,8 +1255,9 @@ def cost_section(costs: dict[str, dict], methods: Sequence[str], meta: dict) -> 
 
 def selection_section(cells: dict, names: Sequence[str], methods: Sequence[str], budget: Budget) -> list[str]:
     lines = ["", "## Learning rates chosen on the validation split", "",
-             "Validation accuracy (%) of each LR of the grid on the selection seed "
-             f"({budget.selection_seed}); the chosen LR in bold. The final seeds never take part in the choice.", "",
+             "Validation accuracy (%) of each LR of the grid on the selection "
+             f"({seeds_text(budget.selection_seeds)}, mean); the chosen LR in bold. The final seeds never take part in "
+             "the choice.", "",
              "| method | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]  # fmt: skip
     for method in methods:
         row = []
@@ -1070,8 +1289,8 @@ def setup_section(tasks: Sequence[Task], budget: Budget, meta: dict) -> list[str
              f"{budget.image_size} px, AdamW, linear decay after {budget.warmup:.0%} warm-up, weight decay "
              f"{budget.weight_decay:g}; augmentation: random resized crop (at least {budget.min_crop_scale:.0%} of "
              f"the image area) and horizontal flip{flip_text(budget, tasks)}; evaluation at the end only (resize + "
-             f"centre crop). Final seeds {', '.join(map(str, budget.seeds))}; LR selection on seed "
-             f"{budget.selection_seed}{lr_from_text(budget)}.",
+             f"centre crop). Final seeds {', '.join(map(str, budget.seeds))}; LR selection on "
+             f"{seeds_text(budget.selection_seeds)}{lr_from_text(budget)}.",
              f"- Every other setting is what `examples/run.py` gives every user: {defaults_text(budget)}.",
              "- Tasks:"]  # fmt: skip
     for task in tasks:
@@ -1087,6 +1306,10 @@ def setup_section(tasks: Sequence[Task], budget: Budget, meta: dict) -> list[str
               "here**: this machine has no GPU. The same script produces them where one is available.",
               "- Raw results of every run: the `.json` beside this file; the chart: the `.png`."]  # fmt: skip
     return lines
+
+
+def seeds_text(seeds: Sequence[int]) -> str:
+    return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(map(str, seeds))
 
 
 def suite_time_text(meta: dict) -> str:
@@ -1240,6 +1463,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     results = run_suite(args, budget, tasks, work_dir)
     total = time.perf_counter() - start
     names = [t.name for t in tasks]
+    if args.selection_only:
+        path = prefix.parent / f"{prefix.name}_validation.md"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(validation_table(results, names, args.methods, budget)) + "\n")
+        print(path.read_text() + f"\nwrote {path} in {minutes(total)}")
+        return {"runs": results}
     report = summarize(results, names, args.methods)
     num_labels = len(tasks[0].record.get("classes", ())) or 10
     report["costs"] = method_costs(args.methods, args.model_name_or_path, num_labels, work_dir)
