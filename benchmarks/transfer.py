@@ -61,9 +61,26 @@ METHODS: dict[str, tuple[str, ...]] = {
     "adafilter_gates16": ("--method", "adafilter", "--gate_input_size", "16", "--gate_hidden_size", "16"),
     # Recipe variants after SpotTune (the authors' code), compared with AdaFilter's defaults on validation splits.
     "adafilter_gated_stem": ("--method", "adafilter", "--exclude_modules", r".*\.squeeze_excite\..*"),
-    "adafilter_constant_noise": ("--method", "adafilter", "--gumbel_temperature_end", "5", "--gate_noise_end", "1"),
-    "adafilter_finetune_first": ("--method", "adafilter", "--gate_warmup_ratio", "0.5", "--gate_init_log_odds", "4",
-                                 "--gate_regularization", "l1", "--gate_regularization_weight", "0.1"),
+    "adafilter_constant_noise": (
+        "--method",
+        "adafilter",
+        "--gumbel_temperature_end",
+        "5",
+        "--gate_noise_end",
+        "1",
+    ),
+    "adafilter_finetune_first": (
+        "--method",
+        "adafilter",
+        "--gate_warmup_ratio",
+        "0.5",
+        "--gate_init_log_odds",
+        "4",
+        "--gate_regularization",
+        "l1",
+        "--gate_regularization_weight",
+        "0.1",
+    ),
     "l2sp": ("--method", "l2sp"),
     "lora": ("--method", "lora"),
     "bitfit": ("--method", "bitfit"),
@@ -402,14 +419,19 @@ def resolve_tasks(args: argparse.Namespace, budget: Budget) -> list[Task]:
     install command."""
     custom = custom_task(args)
     if custom and budget.resplit:
-        raise SystemExit("error: a resplit preset splits packaged tasks itself; give your task another preset")
+        raise SystemExit(
+            "error: a resplit preset splits packaged tasks itself; give your task another preset"
+        )
     packaged = list(budget.tasks or prepare_data.TASKS)
     names = args.tasks if args.tasks is not None else ([] if custom else packaged)
     tasks = []
     for name in names:
         splits = {}
         if budget.resplit:
-            for seeds, scale in ((budget.seeds, budget.scale), (budget.selection_seeds, budget.selection_scale)):
+            for seeds, scale in (
+                (budget.seeds, budget.scale),
+                (budget.selection_seeds, budget.selection_scale),
+            ):
                 for seed in seeds:
                     split = prepare_data.prepare_task(name, args.data_dir, scale, seed=seed)
                     splits[seed] = ("--dataset_name", str(split))
@@ -619,7 +641,10 @@ def pooled_validation(selection: Sequence[dict]) -> dict[float, tuple[float, flo
     for result in selection:
         by_lr[result["learning_rate"]].append(result["metrics"])
     return {
-        lr: (statistics.fmean(m["eval_accuracy"] for m in runs), statistics.fmean(m["eval_loss"] for m in runs))
+        lr: (
+            statistics.fmean(m["eval_accuracy"] for m in runs),
+            statistics.fmean(m["eval_loss"] for m in runs),
+        )
         for lr, runs in by_lr.items()
     }
 
@@ -726,13 +751,27 @@ def run_suite(args: argparse.Namespace, budget: Budget, tasks: Sequence[Task], w
                     run(RunSpec(task, method, chosen[(task, source)], seed, "select"))
             return chosen[(task, source)]
         grid = budget.lr_grids[method]
+        ran = {
+            (r["learning_rate"], r["seed"])
+            for r in done
+            if (r["task"], r["method"], r["phase"]) == (task, method, "select")
+        }
+        if len(grid) > 1:  # a method planned only as another's LR source still gets its grid
+            for lr in grid:
+                for seed in budget.selection_seeds:
+                    if (lr, seed) not in ran:
+                        run(RunSpec(task, method, lr, seed, "select"))
         while True:  # ends: each pass runs one more LR, and the cap on extensions returns
             selection = [
                 r for r in done if r["phase"] == "select" and (r["task"], r["method"]) == (task, method)
             ]
             best = choose_learning_rate(selection, grid)
             tried = sorted({r["learning_rate"] for r in selection})
-            if len(tried) < 2 or tried[0] < best < tried[-1] or len(tried) - len(grid) >= budget.grid_extensions:
+            if (
+                len(tried) < 2
+                or tried[0] < best < tried[-1]
+                or len(tried) - len(grid) >= budget.grid_extensions
+            ):
                 return best
             # One more step of the grid's own spacing at that end.
             lr = best * grid[-1] / grid[-2] if best == tried[-1] else best * grid[0] / grid[1]
@@ -838,13 +877,17 @@ def add_paired_statistics(cells: dict, tasks: Sequence[str], reference: str = "f
             if method == reference:
                 continue
             seeds = sorted(set(ref["test_accuracy_per_seed"]) & set(cell["test_accuracy_per_seed"]))
-            diffs = [100 * (ref["test_accuracy_per_seed"][s] - cell["test_accuracy_per_seed"][s]) for s in seeds]
+            diffs = [
+                100 * (ref["test_accuracy_per_seed"][s] - cell["test_accuracy_per_seed"][s]) for s in seeds
+            ]
             if not diffs:
                 continue
             mean, half = mean_interval(diffs)
             cell.update(splits=len(diffs), paired_mean=mean, detectable_effect=detectable_effect(diffs),
                         paired_ci95=None if half is None else [mean - half, mean + half])  # fmt: skip
-            correct = [(ref["test_correct_per_seed"].get(s), cell["test_correct_per_seed"].get(s)) for s in seeds]
+            correct = [
+                (ref["test_correct_per_seed"].get(s), cell["test_correct_per_seed"].get(s)) for s in seeds
+            ]
             if all(a is not None and b is not None for a, b in correct):
                 cell["mcnemar"] = mcnemar([a for a, _ in correct], [b for _, b in correct])
 
@@ -875,7 +918,9 @@ def summarize(results: Sequence[dict], tasks: Sequence[str], methods: Sequence[s
             accuracy = mean_std([r["metrics"]["test_accuracy"] for r in finals])
             cell = {
                 "learning_rate": finals[0]["learning_rate"],
-                "selection": {f"{lr:g}": acc for lr, (acc, _) in sorted(pooled_validation(selection).items())},
+                "selection": {
+                    f"{lr:g}": acc for lr, (acc, _) in sorted(pooled_validation(selection).items())
+                },
                 "test_accuracy_mean": accuracy[0],
                 "test_accuracy_std": accuracy[1],
                 "test_accuracy_per_seed": {r["seed"]: r["metrics"]["test_accuracy"] for r in finals},
@@ -988,7 +1033,9 @@ def validation_table(
              "train acc |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for task in names:
         for method in methods:
-            selection = [r for r in results if (r["task"], r["method"], r["phase"]) == (task, method, "select")]
+            selection = [
+                r for r in results if (r["task"], r["method"], r["phase"]) == (task, method, "select")
+            ]
             by_lr: dict[float, list[dict]] = defaultdict(list)
             for r in selection:
                 by_lr[r["learning_rate"]].append(r["metrics"])
@@ -996,7 +1043,9 @@ def validation_table(
 
                 def mean_of(key: str, scale: float = 100.0, runs=runs) -> str:
                     value = mean_or_none([m.get(key) for m in runs])
-                    return "–" if value is None else f"{scale * value:.1f}" if scale == 100 else f"{value:.3f}"
+                    return (
+                        "–" if value is None else f"{scale * value:.1f}" if scale == 100 else f"{value:.3f}"
+                    )
 
                 lines.append(f"| {task} | {METHOD_TITLES[method]} | {lr:g} | {mean_of('eval_accuracy')} | "
                              f"{mean_of('eval_forced_finetuned_accuracy')} | {mean_of('eval_forced_pretrained_accuracy')} | "
@@ -1101,7 +1150,9 @@ def paired_verdict(cells: dict, task: str) -> str:
     if ada is None or ada.get("paired_ci95") is None:
         return f"{task}: AdaFilter and fine-tuning were not both run on two or more splits."
     low, high = ada["paired_ci95"]
-    outcome = "fewer" if high < 0 else "more" if low > 0 else "neither fewer nor more (the interval includes 0)"
+    outcome = (
+        "fewer" if high < 0 else "more" if low > 0 else "neither fewer nor more (the interval includes 0)"
+    )
     test = ada.get("mcnemar")
     mcnemar_text = (f"; pooled McNemar over {test['images']} test images: fine-tuning alone right on "
                     f"{test['reference_only']}, AdaFilter alone on {test['method_only']}, p = {test['p']:.3g}"

@@ -445,13 +445,16 @@ def test_fine_tuning_and_adafilter_see_the_same_augmentation_draws(workspace, tm
     import hf_adafilter.transforms as transforms
 
     original = transforms.random_resized_crop_box
-    for method in ("finetune", "adafilter"):
-        boxes: list[tuple] = []
-        monkeypatch.setattr(transforms, "random_resized_crop_box", lambda *a, **k: boxes.append(original(*a, **k)) or boxes[-1])
+    boxes: dict[str, list[tuple]] = {"finetune": [], "adafilter": []}
+    for method, drawn in boxes.items():
+
+        def recorded(*args, drawn=drawn, **kwargs):
+            drawn.append(original(*args, **kwargs))
+            return drawn[-1]
+
+        monkeypatch.setattr(transforms, "random_resized_crop_box", recorded)
         run_example.main(run_args(workspace, tmp_path / method, method, "--max_steps", "6"))
-        if method == "finetune":
-            finetune_boxes = boxes
-    assert len(boxes) >= 6 * 8 and boxes == finetune_boxes
+    assert len(boxes["adafilter"]) >= 6 * 8 and boxes["adafilter"] == boxes["finetune"]
 
 
 def test_gate_warmup_fine_tunes_first_then_the_gates_learn(workspace, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -317,3 +318,84 @@ def test_quick_suite_writes_a_quick_table_json_and_chart(tmp_path):
     assert costs["adafilter"]["compact_bytes"] < costs["adafilter"]["saved_bytes"]
     assert "What each method trains and saves" in text
     assert prefix.with_suffix(".png").stat().st_size > 1000
+
+
+def test_natural_splits_fix_the_training_set_size_and_keep_choices_off_test(tmp_path):
+    try:
+        final = prepare_data.prepare_task("tuxpaint", tmp_path, scale="natural", seed=1)
+    except prepare_data.MissingPackageError as error:
+        pytest.skip(f"tuxpaint needs a package: {error.install_command}")
+    other = prepare_data.prepare_task("tuxpaint", tmp_path, scale="natural", seed=2)
+    selection = prepare_data.prepare_task("tuxpaint", tmp_path, scale="natural_select", seed=101)
+    records = [json.loads((folder / "prepare.json").read_text()) for folder in (final, other, selection)]
+    for record in records:
+        assert set(record["counts_per_class"]["train"]) == {20}  # every class, 20 images
+    assert set(records[0]["counts_per_class"]["validation"]) == {2}  # test splits: the rest is test...
+    assert set(records[2]["counts_per_class"]["test"]) == {2}  # ...selection splits: the rest validates
+    assert records[0]["sizes_per_split"]["test"] == records[2]["sizes_per_split"]["validation"]
+
+    def paths(folder: Path, split: str) -> set[str]:
+        column = datasets.load_dataset(str(folder))[split].cast_column("image", datasets.Image(decode=False))
+        return {row["path"] for row in column["image"]}
+
+    assert paths(final, "train") != paths(other, "train")  # independent splits
+    assert not paths(final, "train") & paths(final, "test")
+
+
+def test_the_natural_preset_runs_each_seed_on_its_own_split_and_pools_the_choice(tmp_path, monkeypatch):
+    budget = replace(transfer.PRESETS["natural"], seeds=(1, 2, 3))
+    splits = {seed: ("--dataset_name", f"split{seed}") for seed in (*budget.seeds, *budget.selection_seeds)}
+    task = replace(paper_task("tuxpaint", train=120), split_data_args=splits)
+    plan = transfer.plan_runs([task], ["finetune", "adafilter", "adafilter_constant_noise"], budget)
+    selection = [s for s in plan if s.phase == "select"]
+    assert {s.seed for s in selection} == set(budget.selection_seeds) and len(selection) == 2 * 3 * 2
+    for spec in plan:
+        argv = transfer.run_argv(replace(spec, learning_rate=1e-3), task, budget, "m", Path("out"))
+        assert argv[argv.index("--dataset_name") + 1] == f"split{spec.seed}"
+    # Validation accuracy peaks at 1e-3 on one selection split and at 3e-3 on the other, by less: pooled, 1e-3.
+    executed = []
+
+    def fake_execute(spec, task, budget, args, work_dir):
+        executed.append(spec)
+        peak = 1e-3 if spec.seed == budget.selection_seeds[0] else 3e-3
+        accuracy = 0.9 - (0.1 if spec.seed == budget.selection_seeds[0] else 0.02) * abs(
+            math.log10(spec.learning_rate / peak)
+        )
+        metrics = {"eval_accuracy": accuracy, "eval_loss": 1.0, "test_accuracy": 0.8}
+        return {**vars(spec), "metrics": metrics, "wall_s": 1.0, "peak_rss_mb": 1.0, "key": str(len(executed))}
+
+    monkeypatch.setattr(transfer, "execute", fake_execute)
+    args = transfer.parse_args(["--preset", "natural", "--methods", "finetune", "adafilter_constant_noise",
+                                "--selection_only"])  # fmt: skip
+    results = transfer.run_suite(args, budget, [task], tmp_path)
+    assert all(r["phase"] == "select" for r in results)  # --selection_only reads no test split
+    variant = [r for r in results if r["method"] == "adafilter_constant_noise"]
+    # The variant takes AdaFilter's LR (chosen first, on AdaFilter's own grid) and validates at it on each split.
+    assert {r["learning_rate"] for r in variant} == {1e-3} and len(variant) == 2
+    assert {r["method"] for r in results} == {"finetune", "adafilter", "adafilter_constant_noise"}
+    table = "\n".join(transfer.validation_table(results, ["tuxpaint"], args.methods, budget))
+    assert "constant temperature" in table and "| 0.001 |" in table
+
+
+def test_paired_statistics_per_task_include_mcnemar_and_the_detectable_effect():
+    runs = []
+    correct = {"finetune": ["1100", "1010", "1110"], "adafilter": ["1110", "1011", "1111"]}
+    for method, strings in correct.items():
+        for seed, string in enumerate(strings, start=1):
+            runs.append({"task": "t", "method": method, "phase": "final", "seed": seed, "learning_rate": 1e-3,
+                         "metrics": {"test_accuracy": string.count("1") / 4, "eval_accuracy": 0.5, "eval_loss": 1.0},
+                         "wall_s": 1.0, "peak_rss_mb": 1.0, "test_correct": string})  # fmt: skip
+    cell = transfer.summarize(runs, ["t"], ["finetune", "adafilter"])["cells"]["t"]["adafilter"]
+    assert cell["splits"] == 3 and cell["paired_mean"] == pytest.approx(-25.0)
+    assert cell["paired_ci95"] == pytest.approx([-25.0, -25.0])  # the same difference on every split
+    assert cell["detectable_effect"] == pytest.approx(0.0)
+    assert cell["mcnemar"] == {"reference_only": 0, "method_only": 3, "p": pytest.approx(0.25), "images": 12}
+    diffs = [1.0, -2.0, 4.0, 0.5]
+    from scipy import stats
+
+    sd = statistics.stdev(diffs)
+    expected = (stats.t.ppf(0.975, 3) + stats.t.ppf(0.8, 3)) * sd / 2
+    assert transfer.detectable_effect(diffs) == pytest.approx(expected)
+    assert transfer.mean_interval(diffs)[1] == pytest.approx(stats.t.ppf(0.975, 3) * sd / 2)
+    report = transfer.write_markdown  # the paired verdict names the interval
+    assert "[-25.00, -25.00]" in transfer.paired_verdict({"t": {"adafilter": cell}}, "t") and report
