@@ -5,7 +5,9 @@ Travels to the Hub as remote code: relative imports only, nothing beyond torch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -42,12 +44,16 @@ def straight_through_gates(
     return hard + (soft - soft.detach())
 
 
+_State = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
+
+
 class GateController(nn.Module):
     """Decides, per example and per output filter of every gated layer, which bank to use.
 
-    Gated layers call it in the order the backbone runs them; each call steps the shared recurrent cell once, so a
-    layer's decisions depend on what earlier layers saw and chose (the paper's LSTM gate network). The model resets
-    it at the start of every forward.
+    Gated layers call it, through the forward's `GateForward`, in the order the backbone runs them; each call steps
+    the shared recurrent cell once, so a layer's decisions depend on what earlier layers saw and chose (the paper's
+    LSTM gate network). It holds parameters and settings only: the recurrent state of a forward is passed in and
+    out, so concurrent forwards (threads, DataParallel replicas) cannot mix theirs.
 
     `implementation` "auto" steps the cell and the linear maps through their functional forms (the same ATen calls
     as the modules, so the same numbers bit for bit) without the module-call overhead, which dominates at batch 1
@@ -87,46 +93,41 @@ class GateController(nn.Module):
         self.forced_value: float | None = None
         # The training noise's own RNG (None: the global one); the trainer seeds one per run.
         self.noise_generator: torch.Generator | None = None
-        self.reset()
 
     def __len__(self) -> int:
         return len(self.heads)
 
-    def reset(self) -> None:
-        self._state: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None
-        self._gates: list[torch.Tensor | None] = [None] * len(self)
-        self._probs: list[torch.Tensor | None] = [None] * len(self)
-
-    def forward(self, index: int, pooled: torch.Tensor) -> torch.Tensor:
-        """Gates (batch, out_channels) of layer `index`, exactly 0.0 or 1.0, from its pooled input."""
+    def forward(
+        self, index: int, pooled: torch.Tensor, state: _State = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, _State]:
+        """(gates, probs, state) of layer `index`: gates (batch, out_channels) exactly 0.0 or 1.0 from its pooled
+        input and the recurrent `state` the previous layer left; in training also the probabilities of F (else
+        None); and the state for the next layer."""
         if self.forced_value is not None:
-            gates = pooled.new_full((pooled.shape[0], self.out_channels[index]), self.forced_value)
-            self._gates[index] = gates
-            return gates
-        if self.implementation == "reference":
-            log_odds = self._reference_log_odds(index, pooled)
+            return pooled.new_full((pooled.shape[0], self.out_channels[index]), self.forced_value), None, state
+        if self.implementation == "reference" or getattr(self, "_is_replica", False):  # a replica's parameters are attributes
+            log_odds, state = self._reference_log_odds(index, pooled, state)
         else:
-            log_odds = self._log_odds(index, pooled)
+            log_odds, state = self._log_odds(index, pooled, state)
         if self.training:
             gates = straight_through_gates(log_odds, self.temperature, self.noise_scale, self.noise_generator)
-            self._probs[index] = torch.sigmoid(log_odds)
-        else:
-            gates = (log_odds > 0).to(log_odds.dtype)
-        self._gates[index] = gates
-        return gates
+            return gates, torch.sigmoid(log_odds), state
+        return (log_odds > 0).to(log_odds.dtype), None, state
 
-    def _reference_log_odds(self, index: int, pooled: torch.Tensor) -> torch.Tensor:
+    def _reference_log_odds(
+        self, index: int, pooled: torch.Tensor, state: _State
+    ) -> tuple[torch.Tensor, _State]:
         features = self.input_projections[index](pooled)
         if isinstance(self.cell, nn.LSTMCell):
-            self._state = self.cell(features, self._state)
-            features = self._state[0]
+            state = self.cell(features, state)
+            features = state[0]
         elif isinstance(self.cell, nn.GRUCell):
-            self._state = features = self.cell(features, self._state)
+            state = features = self.cell(features, state)
         else:
             features = torch.relu(features)
-        return self.heads[index](features)
+        return self.heads[index](features), state
 
-    def _log_odds(self, index: int, pooled: torch.Tensor) -> torch.Tensor:
+    def _log_odds(self, index: int, pooled: torch.Tensor, state: _State) -> tuple[torch.Tensor, _State]:
         """`_reference_log_odds` with the modules' forwards inlined: identical ATen calls, identical numbers, but
         no module-call and attribute-lookup overhead (about half the controller's time at batch 1)."""
         projection, head = self._parameter_tables()[index]
@@ -136,13 +137,12 @@ class GateController(nn.Module):
             features = torch.relu(features)
         else:
             weights = cell._parameters
-            state = self._state
             lstm = isinstance(cell, nn.LSTMCell)
             if state is None:
                 zeros = features.new_zeros(features.shape[0], cell.hidden_size)
                 state = (zeros, zeros) if lstm else zeros
             step = torch.lstm_cell if lstm else torch.gru_cell
-            self._state = step(
+            state = step(
                 features,
                 state,
                 weights["weight_ih"],
@@ -150,8 +150,8 @@ class GateController(nn.Module):
                 weights["bias_ih"],
                 weights["bias_hh"],
             )
-            features = self._state[0] if lstm else self._state
-        return F.linear(features, head["weight"], head["bias"])
+            features = state[0] if lstm else state
+        return F.linear(features, head["weight"], head["bias"]), state
 
     def _parameter_tables(self) -> list[tuple[dict, dict]]:
         """Each layer's (projection, head) parameter dicts; the dicts live as long as the modules, so parameters
@@ -165,17 +165,78 @@ class GateController(nn.Module):
             self.__dict__["_tables"] = tables
         return tables
 
+
+
+class GateForward:
+    """The gate state of one forward of one model: the controller that decides, the recurrent state between layers,
+    and each layer's decisions. It lives in a context variable while the model's forward runs (`gate_forward`), so
+    two threads, or DataParallel replicas (each with its own controller), never see each other's."""
+
+    def __init__(self, controller: GateController) -> None:
+        self.controller = controller
+        self.state: _State = None
+        self.gates: list[torch.Tensor | None] = [None] * len(controller)
+        self.probs: list[torch.Tensor | None] = [None] * len(controller)
+
+    def step(self, index: int, pooled: torch.Tensor) -> torch.Tensor:
+        """The gates of layer `index`: one step of the controller from the state the previous layer left."""
+        gates, probs, self.state = self.controller(index, pooled, self.state)
+        self.gates[index], self.probs[index] = gates, probs
+        return gates
+
     def collect(
         self, names: Sequence[str]
     ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None]:
-        """The decisions of this forward, in gated-layer order, and a reset; fails if a gated layer never ran."""
-        missing = [name for name, gates in zip(names, self._gates, strict=True) if gates is None]
+        """The decisions of this forward, in gated-layer order; fails if a gated layer never ran."""
+        missing = [name for name, gates in zip(names, self.gates, strict=True) if gates is None]
         if missing:
             raise RuntimeError(
                 f"Gated layers {missing[:3]} did not run in this forward; AdaFilter needs every gated layer "
                 "to run exactly once per forward. Exclude them with `exclude_modules`."
             )
-        gates = tuple(self._gates)
-        probs = tuple(self._probs) if all(p is not None for p in self._probs) else None
-        self.reset()
-        return gates, probs
+        probs = tuple(self.probs) if all(p is not None for p in self.probs) else None
+        return tuple(self.gates), probs
+
+
+_ACTIVE_FORWARD: ContextVar[GateForward | None] = ContextVar("adafilter_gate_forward", default=None)
+# torch.compile cannot trace context variables: compiled forwards use one process-wide slot instead (so a compiled
+# model must not be called from two threads at once).
+_COMPILED_FORWARD: list[GateForward | None] = [None]
+
+
+def activate_gate_forward(controller: GateController) -> tuple[GateForward, object]:
+    """A fresh `GateForward` of `controller`, made the active one of this thread; returns it and the token that
+    `deactivate_gate_forward` takes back (forwards nest)."""
+    forward = GateForward(controller)
+    if torch.compiler.is_compiling():
+        previous, _COMPILED_FORWARD[0] = _COMPILED_FORWARD[0], forward
+        return forward, previous
+    return forward, _ACTIVE_FORWARD.set(forward)
+
+
+def deactivate_gate_forward(token: object) -> None:
+    if torch.compiler.is_compiling():
+        _COMPILED_FORWARD[0] = token
+    else:
+        _ACTIVE_FORWARD.reset(token)
+
+
+@contextlib.contextmanager
+def gate_forward(controller: GateController) -> Iterator[GateForward]:
+    """A fresh `GateForward` of `controller` as the active one inside the block (per thread, nests)."""
+    forward, token = activate_gate_forward(controller)
+    try:
+        yield forward
+    finally:
+        deactivate_gate_forward(token)
+
+
+def active_gate_forward() -> GateForward:
+    """The `GateForward` of the model forward that is running in this thread."""
+    forward = _COMPILED_FORWARD[0] if torch.compiler.is_compiling() else _ACTIVE_FORWARD.get()
+    if forward is None:
+        raise RuntimeError(
+            "A GatedLayer runs only inside the forward of its AdaFilterModel (or a `gating.gate_forward(controller)` "
+            "block): call the model, not the layer."
+        )
+    return forward

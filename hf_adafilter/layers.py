@@ -30,7 +30,7 @@ from .gated_inference import (
     two_bank_forward,
 )
 from .gated_training import FusedGatedBanks, FusedSpec, NormSpec
-from .gating import GateController
+from .gating import GateController, active_gate_forward
 
 _UNSUPPORTED = object()
 
@@ -68,15 +68,8 @@ def gated_implementation(module: nn.Module, name: str) -> Iterator[None]:
 
 
 def _implementation_holders(module: nn.Module) -> list[nn.Module]:
-    """The gated layers and gate controllers under `module`, controllers attached to its layers included."""
-    holders: dict[int, nn.Module] = {}
-    for child in module.modules():
-        if isinstance(child, GatedLayer):
-            holders[id(child)] = child
-            holders.update((id(controller), controller) for controller in child._controller)
-        elif isinstance(child, GateController):
-            holders[id(child)] = child
-    return list(holders.values())
+    """The gated layers and gate controllers under `module`."""
+    return [child for child in module.modules() if isinstance(child, GatedLayer | GateController)]
 
 
 class GatedLayer(nn.Module):
@@ -87,7 +80,9 @@ class GatedLayer(nn.Module):
     (`AdaFilterModel.apply_trainability`: the pre-trained bank is frozen). Where a BatchNorm directly followed the
     conv, the layer owns it: with gated norm each bank gets its own BatchNorm (their statistics differ once the copy
     trains), otherwise one BatchNorm normalises the mixture. Unknown attribute reads fall through to `base_layer`
-    (padding helpers read `.stride`, `.kernel_size`).
+    (padding helpers read `.stride`, `.kernel_size`). Its gates come from the forward of the model it runs in
+    (`gating.active_gate_forward`): the layer holds no reference to a controller, so copies and replicas of the
+    model use their own.
 
     `implementation` picks the forward from `GATED_FORWARDS` (set per model: `apply_gated_implementation`). Layers
     whose modules the fast paths cannot replicate exactly (custom conv forwards, norms other than plain BatchNorm) run
@@ -108,13 +103,7 @@ class GatedLayer(nn.Module):
         self.finetuned_norm = copy.deepcopy(norm) if norm is not None and gated_norm else None
         # Linear layers see channels-last input (ConvNeXt's pointwise convs); convs see NCHW.
         self.channels_last = isinstance(base_layer, nn.Linear)
-        self.layer_index = -1
-        self._controller: tuple[GateController, ...] = ()
-
-    def attach(self, controller: GateController, layer_index: int) -> None:
-        # A tuple keeps the shared controller out of this module's children (it is registered once, on the model).
-        self._controller = (controller,)
-        self.layer_index = layer_index
+        self.layer_index = 0  # this layer's position in the gate controller (set by the model)
 
     @property
     def in_channels(self) -> int:
@@ -153,10 +142,7 @@ class GatedLayer(nn.Module):
         return gates.view(*gates.shape, *([1] * (ndim - 2)))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if not self._controller:
-            raise RuntimeError(
-                "GatedLayer is not attached to a gate controller; build it through AdaFilterModel."
-            )
+        gate_forward = active_gate_forward()
         implementation = self.implementation
         forward = GATED_FORWARDS.get(implementation)
         if forward is None:
@@ -164,7 +150,7 @@ class GatedLayer(nn.Module):
                 f"implementation must be one of {tuple(GATED_FORWARDS)}, got {implementation!r}."
             )
         pooled = self.pool(hidden_states) if implementation == "reference" else self._fast_pool(hidden_states)
-        return forward(self, hidden_states, self._controller[0](self.layer_index, pooled))
+        return forward(self, hidden_states, gate_forward.step(self.layer_index, pooled))
 
     def _reference_forward(self, hidden_states: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """The definition: both banks as their own modules, each normalised by its own norm, mixed per filter."""
@@ -301,14 +287,15 @@ class GatedLayer(nn.Module):
 
 
 def _folding_sources(modules: tuple[nn.Module | None, ...]) -> list[torch.Tensor]:
-    """Every tensor a folded bank is computed from (read through the modules' dicts: this runs every call)."""
+    """Every tensor a folded bank is computed from (read through the modules' dicts: this runs every call). A
+    DataParallel replica keeps its parameter copies as plain attributes, outside `_parameters`."""
     return [
         tensor
         for module in modules
         if module is not None
-        for table in (module._parameters, module._buffers)
+        for table in (module._parameters, module._buffers, module.__dict__ if getattr(module, "_is_replica", False) else {})
         for tensor in table.values()
-        if tensor is not None
+        if isinstance(tensor, torch.Tensor)
     ]
 
 

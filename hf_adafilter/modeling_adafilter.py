@@ -23,11 +23,11 @@ from transformers.modeling_outputs import (
     ImageClassifierOutputWithNoAttention,
 )
 
-from .backbones import find_classifier_linear, find_gate_targets, get_family
+from .backbones import BackboneFamily, find_classifier_linear, find_gate_targets, get_family
 from .checkpointing import AdaFilterCheckpointMixin
 from .configuration_adafilter import AdaFilterConfig
 from .from_backbone import wrap_backbone
-from .gating import GateController
+from .gating import GateController, activate_gate_forward, deactivate_gate_forward
 from .layers import GatedLayer, apply_gated_implementation
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -114,7 +114,6 @@ class AdaFilterPreTrainedModel(AdaFilterCheckpointMixin, PreTrainedModel):
 class AdaFilterModel(AdaFilterPreTrainedModel):
     def __init__(self, config: AdaFilterConfig) -> None:
         super().__init__(config)
-        self.family = get_family(config.backbone_config.model_type)
         self.backbone = AutoModel.from_config(config.backbone_config)
         self.family.prepare(self.backbone)
         targets = find_gate_targets(self.backbone, self.family, config.target_modules, config.exclude_modules)
@@ -132,7 +131,7 @@ class AdaFilterModel(AdaFilterPreTrainedModel):
         for index, target in enumerate(targets):
             norm = getattr(target.parent, target.norm_name) if target.norm_name else None
             layer = GatedLayer(target.module, norm, gated_norm=config.gated_norm)
-            layer.attach(self.gate_controller, index)
+            layer.layer_index = index
             setattr(target.parent, target.attribute, layer)
             self._source_modules[f"{target.name}.base_layer"] = target.name
             self._source_modules[f"{target.name}.finetuned_layer"] = target.name
@@ -154,6 +153,11 @@ class AdaFilterModel(AdaFilterPreTrainedModel):
         `set_attn_implementation`; other models are not affected."""
         apply_gated_implementation(self, name)
         self.config.gated_implementation = name
+
+    @property
+    def family(self) -> BackboneFamily:
+        """The backbone family's rules, looked up (not stored: they hold functions, which would stop pickling)."""
+        return get_family(self.config.backbone_config.model_type)
 
     @property
     def gated_layer_names(self) -> list[str]:
@@ -251,13 +255,21 @@ class AdaFilterModel(AdaFilterPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
     ) -> AdaFilterModelOutput | tuple:
-        _check_pixel_values(pixel_values, self.config.backbone_config.num_channels, self.dtype)
+        _check_pixel_values(pixel_values, self.config.backbone_config.num_channels)
+        # As transformers' vision models do: the input takes the weights' dtype (read from a tensor, not
+        # `self.dtype`, which a DataParallel replica cannot answer).
+        pixel_values = pixel_values.to(self.gate_controller.heads[0].weight.dtype)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
-        self.gate_controller.reset()
-        outputs = self.backbone(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
-        gates, gate_probs = self.gate_controller.collect(self.gated_layer_names)
+        # The gate state of this call only (not `with gate_forward(...)`: torch.compile traces try/finally, not a
+        # generator context manager).
+        state, token = activate_gate_forward(self.gate_controller)
+        try:
+            outputs = self.backbone(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        finally:
+            deactivate_gate_forward(token)
+        gates, gate_probs = state.collect(self.gated_layer_names)
         pooled = outputs.pooler_output.flatten(1)
         output = AdaFilterModelOutput(
             last_hidden_state=outputs.last_hidden_state,
@@ -383,7 +395,7 @@ def _channels(module: nn.Module) -> tuple[int, int]:
     return module.in_channels, module.out_channels
 
 
-def _check_pixel_values(pixel_values: torch.Tensor | None, num_channels: int, dtype: torch.dtype) -> None:
+def _check_pixel_values(pixel_values: torch.Tensor | None, num_channels: int) -> None:
     if pixel_values is None:
         raise ValueError("AdaFilter models need `pixel_values` (batch, channels, height, width).")
     if pixel_values.ndim != 4 or pixel_values.shape[1] != num_channels:
@@ -391,10 +403,10 @@ def _check_pixel_values(pixel_values: torch.Tensor | None, num_channels: int, dt
             f"pixel_values must have shape (batch, {num_channels}, height, width), got {tuple(pixel_values.shape)}. "
             "Convert images to RGB (e.g. `image.convert('RGB')`) and run them through the model's image processor."
         )
-    if pixel_values.dtype != dtype:
+    if not pixel_values.is_floating_point():
         raise ValueError(
-            f"pixel_values are {pixel_values.dtype} but the model is {dtype}: convert one to the other "
-            "(`pixel_values.to(model.dtype)` or `model.to(pixel_values.dtype)`)."
+            f"pixel_values are {pixel_values.dtype}: run the images through the model's image processor, which "
+            "returns normalised floats."
         )
 
 

@@ -21,7 +21,7 @@ from torch import nn
 from hf_adafilter import AdaFilterConfig, AdaFilterForImageClassification, gated_inference
 from hf_adafilter.bank_ops import BankOp, bank_op, depthwise_weight_grad
 from hf_adafilter.gated_inference import prefer_merged
-from hf_adafilter.gating import GateController
+from hf_adafilter.gating import GateController, gate_forward
 from hf_adafilter.layers import GatedLayer, gated_implementation
 
 FP64_TOLERANCE = 1e-9
@@ -248,21 +248,16 @@ def standalone_layer(conv: nn.Module, norm: nn.Module | None = None) -> GatedLay
     layer = GatedLayer(conv, norm)
     with torch.no_grad():
         layer.finetuned_layer.weight.mul_(1.2)
-    # The controller is shared, not a child of the layer: convert it on its own.
-    controller = GateController([layer.in_channels], [layer.out_channels]).double()
-    layer.attach(controller, 0)
+    # A layer outside a model: its gates come from a controller of its own, run in a `gate_forward` block.
+    layer.test_controller = GateController([layer.in_channels], [layer.out_channels]).double()
     return layer.double()
 
 
 def layer_outputs(layer: GatedLayer, implementation: str, pixels: torch.Tensor):
-    controller = layer._controller[0]
-    controller.reset()  # its recurrent state from a previous call holds graph tensors, which deepcopy refuses
     layer = copy.deepcopy(layer)
-    layer.attach(controller, 0)
     inputs = pixels.clone().requires_grad_()
-    controller.reset()
     torch.manual_seed(0)
-    with gated_implementation(layer, implementation):
+    with gated_implementation(layer, implementation), gate_forward(layer.test_controller):
         out = layer(inputs)
     out.pow(2).sum().backward()
     return out, inputs.grad, layer.finetuned_layer.weight.grad

@@ -157,11 +157,9 @@ def test_recurrent_state_links_the_layers():
                 2, model.adafilter.gated_layers[model.gated_layer_names[-1]].in_channels
             )
             last = len(controller) - 1
-            controller.reset()
-            alone = controller(last, pooled_input)
-            controller.reset()
-            controller(0, torch.randn(2, controller.input_projections[0].in_features) * 10)
-            after_first = controller(last, pooled_input)
+            alone, _, _ = controller(last, pooled_input)
+            _, _, state = controller(0, torch.randn(2, controller.input_projections[0].in_features) * 10)
+            after_first, _, _ = controller(last, pooled_input, state)
         assert (not torch.equal(alone, after_first)) == linked
 
 
@@ -300,10 +298,12 @@ def test_from_backbone_refuses_unknown_keys_before_building():
         adafilter_from(backbone, gate_hidden_size=20000)
 
 
-def test_input_dtype_other_than_the_models_names_both():
-    model = adafilter_from(random_backbone("resnet"))
-    with pytest.raises(ValueError, match=r"pixel_values are torch.float64 but the model is torch.float32"):
-        model(pixel_batch().double())
+def test_input_of_another_float_dtype_is_cast_and_integer_pixels_are_refused():
+    model = adafilter_from(random_backbone("resnet")).eval()
+    with torch.no_grad():
+        assert model(pixel_batch().double()).logits.dtype == torch.float32  # as transformers' vision models do
+    with pytest.raises(ValueError, match=r"pixel_values are torch.uint8: run the images through"):
+        model(pixel_batch().to(torch.uint8))
 
 
 @pytest.mark.parametrize("family_name", FAMILIES)
