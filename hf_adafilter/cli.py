@@ -110,8 +110,12 @@ def parse_args(argv: list[str] | None = None):
     else:
         parsed = parser.parse_args_into_dataclasses(args=argv)
         given = {arg[2:].split("=")[0] for arg in argv if arg.startswith("--")}
-    model_args, *_, training_args = parsed
+    model_args, _, adafilter_args, _, training_args = parsed
     applied = apply_training_defaults(training_args, model_args.method, given)
+    if training_args.ddp_find_unused_parameters is None:
+        # transformers searches the graph for unused parameters every DDP step for a PreTrainedModel; here every
+        # trainable parameter is used in every step, except the gate network during a gate warm-up.
+        training_args.ddp_find_unused_parameters = model_args.method == "adafilter" and adafilter_args.gate_warmup_ratio > 0
     if applied:
         logger.info(f"{model_args.method} defaults for flags not given: {applied}")
     return parsed

@@ -64,6 +64,15 @@ class GateScheduleCallback(TrainerCallback):
 
     def __init__(self, adafilter_args: AdaFilterArguments) -> None:
         self.args = adafilter_args
+        self._outside_warmup: list[float | None] = []  # the forced value the warm-up replaced, while it runs
+
+    def _warm_up(self, controller, warming: bool) -> None:
+        """Every gate on F while `warming`; afterwards the forced value from before (a user's `forced_gates`)."""
+        if warming and not self._outside_warmup:
+            self._outside_warmup.append(controller.forced_value)
+            controller.forced_value = 1.0
+        elif not warming and self._outside_warmup:
+            controller.forced_value = self._outside_warmup.pop()
 
     def _set(self, model: nn.Module | None, step: int, max_steps: int) -> None:
         adafilter = _adafilter(model)
@@ -72,8 +81,7 @@ class GateScheduleCallback(TrainerCallback):
             # Warm-up (`gate_warmup_ratio`): plain fine-tuning of the fine-tuned bank, every gate on it; the gate
             # schedules then run over the remaining steps.
             warmup = round(a.gate_warmup_ratio * max_steps)
-            warming = step < warmup
-            adafilter.gate_controller.forced_value = 1.0 if warming else None
+            self._warm_up(adafilter.gate_controller, step < warmup)
             step, max_steps = max(step - warmup, 0), max_steps - warmup
             adafilter.set_gumbel_temperature(
                 gumbel_temperature_at(step, max_steps, a.gumbel_temperature_start, a.gumbel_temperature_end)

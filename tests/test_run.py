@@ -478,3 +478,12 @@ def test_do_predict_writes_the_prediction_of_every_test_image(workspace, tmp_pat
     rows = [line.split("\t") for line in lines[1:]]
     assert [int(row[0]) for row in rows] == list(range(8)) and {row[1] for row in rows} == set(CLASSES)
     assert sum(label == guess for _, label, guess in rows) / 8 == pytest.approx(results["test_accuracy"])
+
+
+def test_ddp_skips_the_unused_parameter_search_unless_a_gate_warm_up_leaves_the_gates_idle(workspace, tmp_path):
+    def find_unused(*extra: str):
+        return run_example.parse_args(run_args(workspace, tmp_path, "adafilter", *extra))[-1].ddp_find_unused_parameters
+
+    assert find_unused() is False
+    assert find_unused("--gate_warmup_ratio", "0.2") is True
+    assert find_unused("--ddp_find_unused_parameters", "true") is True  # the user's choice stands
