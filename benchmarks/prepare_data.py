@@ -114,8 +114,10 @@ SCALES = {
         train_per_class=0, validation_per_class=0, test_per_class=0, tuxpaint_train_per_class=20,
         tuxpaint_test_per_class=2,
     ),
-    # More data: 60% of every class trains (the default 60/20/20 split), on new split seeds.
-    "natural_large": Sizes(train_per_class=0, validation_per_class=0, test_per_class=0),
+    # More data: 60% of every class trains (the default split's share), 2 per class validate, the rest is test.
+    "natural_large": Sizes(
+        train_per_class=0, validation_per_class=0, test_per_class=0, tuxpaint_validation_per_class=2,
+    ),
 }  # fmt: skip
 
 
@@ -230,15 +232,17 @@ def stratified_split(
     test_count: int | None = None,
 ) -> list[list[tuple[int, int]]]:
     """[(class, item)] per split, each class cut 60/20/20 (rounded, >= 1 per split) after a seeded shuffle; with
-    `train_cap`, train keeps at most that many per class and validation and test share the rest: equally, or
-    `validation_count` (or `test_count`) per class for one and the rest for the other."""
+    `train_cap`, train keeps at most that many per class and validation and test share the rest equally. With
+    `validation_count` (or `test_count`), that split gets that many per class and the other the rest, after train's
+    `train_cap` (or 60%)."""
     splits: list[list[tuple[int, int]]] = [[], [], []]
     for cls, count in enumerate(num_per_class):
         order = rng.permutation(count)
         n_val = max(1, round(count * fractions[1]))
         n_test = max(1, round(count * fractions[2]))
-        if train_cap is not None and (validation_count, test_count) != (None, None):
-            rest = count - min(train_cap, count - 2)  # a fixed train size, where the class has it
+        if (validation_count, test_count) != (None, None):
+            # A fixed train size where the class has it (else the 60% share), the rest as asked.
+            rest = count - min(train_cap or round(count * fractions[0]), count - 2)
             n_val = min(validation_count, rest - 1) if validation_count is not None else max(1, rest - test_count)
             n_test = rest - n_val
         elif train_cap is not None and count - n_val - n_test > train_cap:

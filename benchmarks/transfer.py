@@ -60,7 +60,11 @@ METHODS: dict[str, tuple[str, ...]] = {
     # Lean gate networks (speed issue): kept only if paired runs at AdaFilter's LR and seeds show no accuracy loss.
     "adafilter_gates16": ("--method", "adafilter", "--gate_input_size", "16", "--gate_hidden_size", "16"),
     # Recipe variants after SpotTune (the authors' code), compared with AdaFilter's defaults on validation splits.
-    "adafilter_gated_stem": ("--method", "adafilter", "--exclude_modules", r".*\.squeeze_excite\..*"),
+    # The default gated convs of EfficientNet plus its stem (whose F copy then trains, as fine-tuning trains it).
+    "adafilter_gated_stem": (
+        "--method", "adafilter", "--target_modules",
+        r"embeddings\.convolution|encoder\..*depthwise_conv\.depthwise_conv|encoder\..*\.(project|expand)_conv|encoder\.top_conv",
+    ),
     "adafilter_constant_noise": (
         "--method",
         "adafilter",
@@ -81,6 +85,21 @@ METHODS: dict[str, tuple[str, ...]] = {
         "--gate_regularization_weight",
         "0.1",
     ),
+    # SpotTune's optimiser for both methods: SGD with momentum, the gate network at the main LR (not 10x above).
+    "finetune_sgd": ("--method", "finetune", "--optim", "sgd", "--optim_args", "momentum=0.9"),
+    "adafilter_sgd": (
+        "--method",
+        "adafilter",
+        "--optim",
+        "sgd",
+        "--optim_args",
+        "momentum=0.9",
+        "--gate_learning_rate",
+        "none",
+    ),
+    # Input resolution (the later flag wins over the budget's --image_size).
+    "finetune_128px": ("--method", "finetune", "--image_size", "128"),
+    "adafilter_128px": ("--method", "adafilter", "--image_size", "128"),
     "l2sp": ("--method", "l2sp"),
     "lora": ("--method", "lora"),
     "bitfit": ("--method", "bitfit"),
@@ -95,6 +114,10 @@ METHOD_TITLES = {
     "adafilter_gated_stem": "AdaFilter, stem gated (trained in F)",
     "adafilter_constant_noise": "AdaFilter, constant temperature 5 and noise (SpotTune)",
     "adafilter_finetune_first": "AdaFilter, fine-tune first, then gate (L1 towards S)",
+    "finetune_sgd": "standard fine-tuning, SGD momentum 0.9",
+    "adafilter_sgd": "AdaFilter, SGD momentum 0.9, gate LR = LR",
+    "finetune_128px": "standard fine-tuning, 128 px",
+    "adafilter_128px": "AdaFilter, 128 px",
     "l2sp": "L2-SP fine-tuning",
     "lora": "LoRA (PEFT)",
     "bitfit": "BitFit (biases, norms, head)",
@@ -106,6 +129,7 @@ ADAFILTER_METHODS = tuple(m for m in METHODS if m.startswith("adafilter"))
 # Gate-network variants measured against AdaFilter's defaults at its chosen LR and seeds (paired).
 LEAN_GATE_METHODS = ("adafilter_gates16",)
 RECIPE_VARIANTS = ("adafilter_gated_stem", "adafilter_constant_noise", "adafilter_finetune_first")
+
 # Relative cost of a training step (fine-tuning = 1), for the estimate printed before the first run is timed.
 # Measured at 96 px, batch 32, 2 threads, in the quietest minutes of a shared machine (best of 6 steps): fine-tuning
 # 0.40 s, AdaFilter variants 0.80-0.86 s, linear probe 0.10 s; evaluation ~4 ms per image (AdaFilter ~6.5 ms).
@@ -113,6 +137,8 @@ RECIPE_VARIANTS = ("adafilter_gated_stem", "adafilter_constant_noise", "adafilte
 PRIOR_STEP_COST = {
     "linear_probe": 0.25,
     "finetune": 1.0,
+    "finetune_sgd": 1.0,
+    "finetune_128px": 1.8,
     "l2sp": 1.0,
     "lora": 0.85,
     "bitfit": 0.6,
@@ -120,6 +146,8 @@ PRIOR_STEP_COST = {
 PRIOR_EVAL_COST = {
     "linear_probe": 0.8,
     "finetune": 1.0,
+    "finetune_sgd": 1.0,
+    "finetune_128px": 1.8,
     "l2sp": 1.0,
     "lora": 1.2,
     "bitfit": 1.0,
@@ -178,7 +206,13 @@ class Budget:
         return self.epochs * math.ceil(train_images / self.train_batch_size)
 
 
-_ABLATIONS_SHARE_ADAFILTER_LR = {m: "adafilter" for m in ADAFILTER_METHODS if m != "adafilter"}
+_SGD_GRID = (1e-2, 3e-2, 1e-1)
+# Methods with an optimiser of their own (SGD) take a grid of their own; the other variants take the LR of the
+# method they vary.
+_OWN_OPTIMIZER = ("finetune_sgd", "adafilter_sgd")
+_ABLATIONS_SHARE_ADAFILTER_LR = {
+    m: "adafilter" for m in ADAFILTER_METHODS if m not in ("adafilter", *_OWN_OPTIMIZER)
+} | {"finetune_128px": "finetune"}
 _SHORT_GRID = (3e-4, 1e-3)
 # Few trainable parameters on frozen features (a head, LoRA, biases) want a larger step.
 _FEW_PARAMETERS = ("linear_probe", "lora", "bitfit")
@@ -200,7 +234,8 @@ PRESETS: dict[str, Budget] = {
             "l2sp": (3e-4, 1e-3, 3e-3),
             "lora": (1e-3, 3e-3, 1e-2),
             "bitfit": (1e-3, 3e-3, 1e-2),
-        },  # fmt: skip
+        }
+        | dict.fromkeys(_OWN_OPTIMIZER, _SGD_GRID),  # fmt: skip
         min_crop_scale=0.25,
         task_aware_flips=True,
         lr_from=_ABLATIONS_SHARE_ADAFILTER_LR,
@@ -232,9 +267,16 @@ PRESETS: dict[str, Budget] = {
         eval_batch_size=100,
         seeds=tuple(range(1, 16)),
         selection_seeds=(101, 102),
-        lr_grids={m: (3e-3, 1e-2, 3e-2) if m in _FEW_PARAMETERS else (3e-4, 1e-3, 3e-3) for m in METHODS},
+        lr_grids={
+            m: _SGD_GRID
+            if m in _OWN_OPTIMIZER
+            else (3e-3, 1e-2, 3e-2)
+            if m in _FEW_PARAMETERS
+            else (3e-4, 1e-3, 3e-3)
+            for m in METHODS
+        },
         min_crop_scale=0.25,
-        lr_from={m: "adafilter" for m in RECIPE_VARIANTS + LEAN_GATE_METHODS},
+        lr_from=_ABLATIONS_SHARE_ADAFILTER_LR,
         grid_extensions=1,
     ),
     "quick": Budget(
