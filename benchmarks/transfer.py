@@ -279,6 +279,21 @@ PRESETS: dict[str, Budget] = {
         lr_from=_ABLATIONS_SHARE_ADAFILTER_LR,
         grid_extensions=1,
     ),
+    # The larger-data regime: 60% of every Tux Paint class trains (about 200 images), 6 paired splits, at the LRs the
+    # natural protocol chose on its validation splits (fine-tuning 3e-4, AdaFilter 1e-3): no selection of its own.
+    "natural_large": Budget(
+        scale="natural_large",
+        resplit=True,
+        tasks=("tuxpaint",),
+        image_size=96,
+        epochs=30,
+        train_batch_size=32,
+        eval_batch_size=100,
+        seeds=tuple(range(201, 207)),
+        selection_seeds=(),
+        lr_grids={"finetune": (3e-4,), "adafilter": (1e-3,)},
+        min_crop_scale=0.25,
+    ),
     "quick": Budget(
         scale="quick",
         image_size=64,

@@ -279,8 +279,11 @@ def training_settings(
     model: Any,
     global_step: int | None = None,
     image_size: int | str | None = None,
+    mixed_precision: str | None = None,
 ) -> dict[str, str]:
-    """What a reader needs to reproduce the run, from `TrainingArguments`, `AdaFilterArguments` and the model."""
+    """What a reader needs to reproduce the run, from `TrainingArguments`, `AdaFilterArguments` and the model.
+    `mixed_precision`: what the run's accelerator used ("no", "bf16", ...; `accelerate launch --mixed_precision`
+    sets it without `--bf16`); by default read from the arguments."""
     config = model.config
     layers = model.base_model.gated_layers
     devices = max(int(getattr(args, "world_size", 1) or 1), 1)
@@ -299,7 +302,9 @@ def training_settings(
         regularization = f"{regularizer}, weight {adafilter_args.gate_regularization_weight:g}"
         if regularizer == "budget":
             regularization += f", target fine-tuned ratio {adafilter_args.gate_target_ratio:g}"
-    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    if mixed_precision is None:
+        mixed_precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
+    precision = "fp32" if mixed_precision == "no" else mixed_precision
     settings = {
         "method": "AdaFilter",
         "training length": length,

@@ -338,7 +338,12 @@ class AdaFilterTrainer(Trainer):
                 dataset_ids=dataset_tags,
                 eval_metrics=last_eval_metrics(self.state.log_history),
                 training=training_settings(
-                    self.args, self.adafilter_args, model, self.state.global_step, image_size
+                    self.args,
+                    self.adafilter_args,
+                    model,
+                    self.state.global_step,
+                    image_size,
+                    mixed_precision=str(self.accelerator.mixed_precision),
                 ),
                 gate_fractions=fractions,
                 plot_file=PLOT_FILE if (output_dir / PLOT_FILE).is_file() else None,

@@ -525,3 +525,17 @@ def test_backbone_kind_is_the_one_reading_of_a_backbone_name(tmp_path):
     assert backbone_kind("microsoft/resnet-50") == "hub"
     for name in ("", None, str(tmp_path / "weights.bin"), "not a repo id!"):
         assert backbone_kind(name) is None, name
+
+
+def test_training_settings_report_the_precision_the_accelerator_ran(tmp_path):
+    from transformers import TrainingArguments
+
+    from hf_adafilter.arguments import AdaFilterArguments
+    from hf_adafilter.hub import training_settings
+
+    model = from_saved_backbone(tmp_path / "backbone")
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True)
+    assert training_settings(args, AdaFilterArguments(), model)["precision"] == "fp32"
+    # `accelerate launch --mixed_precision bf16` without --bf16: the accelerator's setting decides
+    settings = training_settings(args, AdaFilterArguments(), model, mixed_precision="bf16")
+    assert settings["precision"] == "bf16"
