@@ -50,6 +50,8 @@ if str(BENCHMARKS) not in sys.path:
 
 import prepare_data  # noqa: E402
 
+# Stands for the run's learning rate in a method's flags.
+LEARNING_RATE = "{learning_rate}"
 # Each method is a set of examples/run.py flags; every other flag is shared.
 METHODS: dict[str, tuple[str, ...]] = {
     "linear_probe": ("--method", "linear_probe"),
@@ -95,7 +97,7 @@ METHODS: dict[str, tuple[str, ...]] = {
         "--optim_args",
         "momentum=0.9",
         "--gate_learning_rate",
-        "none",
+        LEARNING_RATE,
     ),
     # Input resolution (the later flag wins over the budget's --image_size).
     "finetune_128px": ("--method", "finetune", "--image_size", "128"),
@@ -527,7 +529,7 @@ def run_argv(spec: RunSpec, task: Task, budget: Budget, model: str, output_dir: 
     return [
         "--model_name_or_path", model,
         *task.data_args_for(spec.seed),
-        *METHODS[spec.method],
+        *method_flags(spec.method, spec.learning_rate),
         "--output_dir", str(output_dir),
         "--overwrite_output_dir",
         *phases,
@@ -550,6 +552,11 @@ def run_argv(spec: RunSpec, task: Task, budget: Budget, model: str, output_dir: 
         "--seed", str(spec.seed),
         *method_settings(spec.method, budget),
     ]  # fmt: skip
+
+
+def method_flags(method: str, learning_rate: float) -> list[str]:
+    """The method's examples/run.py flags, `LEARNING_RATE` replaced by the run's."""
+    return [f"{learning_rate:g}" if flag == LEARNING_RATE else flag for flag in METHODS[method]]
 
 
 def method_settings(method: str, budget: Budget) -> list[str]:
@@ -670,7 +677,7 @@ def method_costs(methods: Sequence[str], model: str, num_labels: int, work_dir: 
     costs = {}
     for method in methods:
         model_args, _, adafilter_args, baseline_args, _ = parse_args(
-            [*METHODS[method], "--model_name_or_path", model, "--output_dir", str(work_dir)]
+            [*method_flags(method, 1e-3), "--model_name_or_path", model, "--output_dir", str(work_dir)]
         )
         classifier = build_classifier(method=model_args.method, name_or_path=model, id2label=id2label,
                                       adafilter_args=adafilter_args, baseline_args=baseline_args)  # fmt: skip
