@@ -92,6 +92,19 @@ class Sizes:
     tuxpaint_test_per_class: int | None = None
 
 
+# Fields added after tasks were first recorded: left out of the record of a scale that sets neither, so earlier
+# folders (and the benchmark runs keyed on their records) stay valid.
+_LATER_SIZE_FIELDS = ("tuxpaint_validation_per_class", "tuxpaint_test_per_class")
+
+
+def sizes_record(sizes: Sizes) -> dict:
+    record = asdict(sizes)
+    if all(record[k] is None for k in _LATER_SIZE_FIELDS):
+        for k in _LATER_SIZE_FIELDS:
+            del record[k]
+    return record
+
+
 SCALES = {
     # The paper's regime: few labelled images per class (Caltech256-30 has 30), large validation and test splits.
     "paper": Sizes(
@@ -395,7 +408,7 @@ def prepare_task(
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     sizes = SCALES[scale]
     out = task_dir(task, data_dir, scale, seed)
-    wanted = {"format": FORMAT_VERSION, "task": task, "scale": scale, "seed": seed, "sizes": asdict(sizes)}
+    wanted = {"format": FORMAT_VERSION, "task": task, "scale": scale, "seed": seed, "sizes": sizes_record(sizes)}
     record_path = out / "prepare.json"
     if not force and record_path.is_file() and all((out / f"{s}.parquet").is_file() for s in SPLITS):
         record = json.loads(record_path.read_text())
