@@ -113,12 +113,14 @@ class FusedGatedBanks(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_mixed: torch.Tensor):
         spec: FusedSpec = ctx.spec
+        # Read once: under activation checkpointing each saved tensor may be unpacked only once.
+        saved = ctx.saved_tensors
         if spec.norm is None:
-            grads = _mix_backward(ctx, grad_mixed)
+            grads = _mix_backward(ctx, saved, grad_mixed)
         else:
-            grads = _normalized_mix_backward(ctx, grad_mixed)
+            grads = _normalized_mix_backward(ctx, saved, grad_mixed)
         (joined, grad_bank_finetuned, grad_bank_pretrained), grad_gates, norm_grads = grads
-        hidden_states, _, weight_finetuned, weight_pretrained = ctx.saved_tensors[:4]
+        hidden_states, _, weight_finetuned, weight_pretrained = saved[:4]
         grad_input, grad_weights, grad_biases = _banks_backward(
             ctx,
             joined,
@@ -166,8 +168,8 @@ def _bank_gradient_buffers(ctx, like: torch.Tensor) -> tuple[torch.Tensor | None
     return joined, joined.narrow(dim, 0, channels), joined.narrow(dim, channels, channels)
 
 
-def _mix_backward(ctx, grad_mixed: torch.Tensor):
-    gates, difference = ctx.saved_tensors[1], ctx.saved_tensors[4]
+def _mix_backward(ctx, saved: tuple[torch.Tensor, ...], grad_mixed: torch.Tensor):
+    gates, difference = saved[1], saved[4]
     shape: BankShape = ctx.shape
     buffers = joined, grad_finetuned, grad_pretrained = _bank_gradient_buffers(ctx, grad_mixed)
     grad_gates = None
@@ -180,11 +182,11 @@ def _mix_backward(ctx, grad_mixed: torch.Tensor):
     return buffers, grad_gates, (None, None, None, None)
 
 
-def _normalized_mix_backward(ctx, grad_mixed: torch.Tensor):
+def _normalized_mix_backward(ctx, saved: tuple[torch.Tensor, ...], grad_mixed: torch.Tensor):
     """Backward of the normalised mix. With per-(example, channel) sums A = sum(dy), P_b = sum(dy * (y_b - mean_b))
     every gradient is closed-form: the gate's is sum(dy * (z_F - z_S)), each BatchNorm's the standard batch-norm
     backward of the bank's share (gate-weighted) of dy."""
-    gates, centred_finetuned, centred_pretrained = ctx.saved_tensors[1], *ctx.saved_tensors[4:6]
+    gates, centred_finetuned, centred_pretrained = saved[1], *saved[4:6]
     (
         invstd_finetuned,
         invstd_pretrained,
@@ -192,7 +194,7 @@ def _normalized_mix_backward(ctx, grad_mixed: torch.Tensor):
         beta_finetuned,
         gamma_pretrained,
         beta_pretrained,
-    ) = ctx.saved_tensors[6:]
+    ) = saved[6:]
     spec: FusedSpec = ctx.spec
     shape: BankShape = ctx.shape
     needs = ctx.needs_input_grad

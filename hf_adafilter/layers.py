@@ -90,6 +90,8 @@ class GatedLayer(nn.Module):
     """
 
     implementation: str = "auto"
+    # Set by transformers' `gradient_checkpointing_enable()` (with `_gradient_checkpointing_func`).
+    gradient_checkpointing: bool = False
     _folded: FoldedBanks | None = None
     _op: object = None
 
@@ -150,7 +152,11 @@ class GatedLayer(nn.Module):
                 f"implementation must be one of {tuple(GATED_FORWARDS)}, got {implementation!r}."
             )
         pooled = self.pool(hidden_states) if implementation == "reference" else self._fast_pool(hidden_states)
-        return forward(self, hidden_states, gate_forward.step(self.layer_index, pooled))
+        gates = gate_forward.step(self.layer_index, pooled)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # The gates are decided once, outside; only the banks, norms and mix are recomputed in backward.
+            return self._gradient_checkpointing_func(_RecomputableBanks(self, forward), hidden_states, gates)
+        return forward(self, hidden_states, gates)
 
     def _reference_forward(self, hidden_states: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """The definition: both banks as their own modules, each normalised by its own norm, mixed per filter."""
@@ -284,6 +290,27 @@ class GatedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"layer_index={self.layer_index}, gated_norm={self.finetuned_norm is not None}"
+
+
+class _RecomputableBanks:
+    """A gated layer's bank computation for activation checkpointing: the recomputation in backward leaves the
+    BatchNorm running statistics as the forward left them (they would otherwise take a second update)."""
+
+    def __init__(self, layer: GatedLayer, forward: Callable) -> None:
+        self.layer, self.forward, self.calls = layer, forward, 0
+
+    def __call__(self, hidden_states: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == 1:
+            return self.forward(self.layer, hidden_states, gates)
+        buffers = [b for b in self.layer.buffers() if b is not None]
+        saved = [b.clone() for b in buffers]
+        try:
+            return self.forward(self.layer, hidden_states, gates)
+        finally:
+            with torch.no_grad():
+                for buffer, value in zip(buffers, saved, strict=True):
+                    buffer.copy_(value)
 
 
 def _folding_sources(modules: tuple[nn.Module | None, ...]) -> list[torch.Tensor]:

@@ -72,6 +72,8 @@ class AdaFilterPreTrainedModel(AdaFilterCheckpointMixin, PreTrainedModel):
     input_modalities = ("image",)
     # The loss is a plain mean over the batch: let the Trainer scale it for gradient accumulation.
     accepts_loss_kwargs = False
+    # Per gated layer (`GatedLayer.gradient_checkpointing`): the banks are recomputed, the gates are not.
+    supports_gradient_checkpointing = True
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range

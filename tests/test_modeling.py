@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -389,3 +391,27 @@ def test_efficientnet_pools_with_a_global_pool_that_computes_the_same_numbers():
     pixels = pixel_batch()
     with torch.no_grad():
         assert (pooled(model, pixels) - backbone_pooled(backbone, pixels)).abs().max() < TOLERANCE
+
+
+def test_gradient_checkpointing_gives_the_same_loss_gradients_and_statistics(family):
+    """The banks of each gated layer are recomputed in backward; the gates are decided once and the BatchNorm
+    running statistics take one update, as without checkpointing."""
+    model = adafilter_from(random_backbone(family)).double().train()
+    perturb_finetuned_bank(model)
+    model.adafilter.gate_controller.noise_scale = 0.0
+    checkpointed = copy.deepcopy(model)
+    checkpointed.gradient_checkpointing_enable()
+    assert all(layer.gradient_checkpointing for layer in checkpointed.adafilter.gated_layers.values())
+    pixels, labels = pixel_batch().double(), torch.tensor([0, 1, 2, 3])
+    outputs = []
+    for candidate in (model, checkpointed):
+        torch.manual_seed(0)  # dropout and stochastic depth draw alike
+        output = candidate(pixels, labels=labels)
+        (output.loss + sum(g.sum() for g in output.gates)).backward()
+        outputs.append(output)
+    torch.testing.assert_close(outputs[1].loss, outputs[0].loss, rtol=1e-12, atol=1e-12)
+    for (name, expected), actual in zip(model.named_parameters(), checkpointed.parameters(), strict=True):
+        if expected.grad is not None:
+            torch.testing.assert_close(actual.grad, expected.grad, rtol=1e-9, atol=1e-12, msg=name)
+    for expected, actual in zip(model.buffers(), checkpointed.buffers(), strict=True):
+        assert torch.equal(expected, actual)

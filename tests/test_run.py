@@ -487,3 +487,14 @@ def test_ddp_skips_the_unused_parameter_search_unless_a_gate_warm_up_leaves_the_
     assert find_unused() is False
     assert find_unused("--gate_warmup_ratio", "0.2") is True
     assert find_unused("--ddp_find_unused_parameters", "true") is True  # the user's choice stands
+
+
+def test_gradient_checkpointing_flag_trains_adafilter(workspace, tmp_path, monkeypatch):
+    from hf_adafilter import layers
+
+    calls = []
+    original = layers._RecomputableBanks.__call__
+    monkeypatch.setattr(layers._RecomputableBanks, "__call__", lambda self, *a: calls.append(1) or original(self, *a))
+    results = run_example.main(run_args(workspace, tmp_path / "gc", "adafilter", "--gradient_checkpointing"))
+    assert 0.0 <= results["eval_accuracy"] <= 1.0
+    assert len(calls) == 2 * 4 * len(json.loads((tmp_path / "gc" / "gate_fractions.json").read_text()))
