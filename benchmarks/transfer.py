@@ -99,7 +99,7 @@ METHODS: dict[str, tuple[str, ...]] = {
         "--gate_learning_rate",
         LEARNING_RATE,
     ),
-    # Input resolution (the later flag wins over the budget's --image_size).
+    # Input resolution (replaces the budget's --image_size).
     "finetune_128px": ("--method", "finetune", "--image_size", "128"),
     "adafilter_128px": ("--method", "adafilter", "--image_size", "128"),
     "l2sp": ("--method", "l2sp"),
@@ -526,15 +526,18 @@ def run_argv(spec: RunSpec, task: Task, budget: Budget, model: str, output_dir: 
         steps = budget.steps(images or 0)
         length = ["--max_steps", str(steps)]
     flips = not (budget.task_aware_flips and task.name in prepare_data.MIRROR_SENSITIVE_TASKS)
+    flags = method_flags(spec.method, spec.learning_rate)
+    # A method that sets the resolution itself gets none from the budget (its flag comes later and would win).
+    size = [] if "--image_size" in flags else ["--image_size", str(budget.image_size)]
     return [
         "--model_name_or_path", model,
         *task.data_args_for(spec.seed),
-        *method_flags(spec.method, spec.learning_rate),
+        *flags,
         "--output_dir", str(output_dir),
         "--overwrite_output_dir",
         *phases,
         "--evaluate_train_split", "true",
-        "--image_size", str(budget.image_size),
+        *size,
         "--min_crop_scale", f"{budget.min_crop_scale:g}",
         "--horizontal_flip", str(flips).lower(),
         *length,

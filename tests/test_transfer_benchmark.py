@@ -377,6 +377,15 @@ def test_the_natural_preset_runs_each_seed_on_its_own_split_and_pools_the_choice
     assert "constant temperature" in table and "| 0.001 |" in table
 
 
+def test_a_resolution_variant_replaces_the_budgets_image_size():
+    budget = transfer.PRESETS["natural"]
+    spec = transfer.RunSpec("toy", "adafilter_128px", 1e-3, 101, "select")
+    argv = transfer.run_argv(spec, paper_task(), budget, "m", Path("out"))
+    assert argv.count("--image_size") == 1 and argv[argv.index("--image_size") + 1] == "128"
+    default = transfer.run_argv(replace(spec, method="adafilter"), paper_task(), budget, "m", Path("out"))
+    assert default[default.index("--image_size") + 1] == str(budget.image_size)
+
+
 def test_paired_statistics_per_task_include_mcnemar_and_the_detectable_effect():
     runs = []
     correct = {"finetune": ["1100", "1010", "1110"], "adafilter": ["1110", "1011", "1111"]}
