@@ -255,7 +255,7 @@ PRESETS: dict[str, Budget] = {
         lr_grids={m: _SHORT_PROBE_GRID if m in _FEW_PARAMETERS else _SHORT_GRID for m in METHODS},
         lr_from={m: "adafilter" for m in LEAN_GATE_METHODS},
     ),
-    # The natural-image protocol: Tux Paint photos, 20 training images per class, 15 independent stratified splits,
+    # The natural-image protocol: Tux Paint photos, 20 training images per class, 25 independent stratified splits,
     # each a paired replicate (same images, order and augmentation draws for every method); choices are made on
     # 2 other splits' validation images, pooled.
     "natural": Budget(
@@ -267,7 +267,7 @@ PRESETS: dict[str, Budget] = {
         epochs=30,
         train_batch_size=32,
         eval_batch_size=100,
-        seeds=tuple(range(1, 16)),
+        seeds=tuple(range(1, 26)),
         selection_seeds=(101, 102),
         lr_grids={
             m: _SGD_GRID
