@@ -48,6 +48,8 @@ from hf_adafilter.layers import gated_implementation  # noqa: E402
 
 NUM_LABELS = 10
 VARIANTS = ("finetune", "reference", "fast", "lean")
+# Memory only: the default fast paths with gradient checkpointing (banks recomputed in backward).
+MEMORY_VARIANTS = (*VARIANTS, "checkpointed")
 VARIANT_TITLES = {
     "finetune": "fine-tuning / plain",
     "reference": "AdaFilter before",
@@ -145,7 +147,10 @@ def build_variant(config: ModelConfig, variant: str) -> transformers.PreTrainedM
         return plain.requires_grad_(True)
     torch.manual_seed(0)
     gate_sizes = LEAN_GATES if variant == "lean" else {}
-    return AdaFilterForImageClassification.from_backbone(plain, num_labels=NUM_LABELS, **gate_sizes)
+    model = AdaFilterForImageClassification.from_backbone(plain, num_labels=NUM_LABELS, **gate_sizes)
+    if variant == "checkpointed":
+        model.gradient_checkpointing_enable()
+    return model
 
 
 class _DepthwiseFastWeightGrad(torch.autograd.Function):
@@ -301,7 +306,7 @@ def memory_probe(config: ModelConfig, variant: str, settings: Settings) -> dict[
 
 def run_memory_probes(config: ModelConfig, settings: Settings) -> dict[str, dict[str, float]]:
     results = {}
-    for variant in VARIANTS:
+    for variant in MEMORY_VARIANTS:
         command = [
             sys.executable,
             str(Path(__file__).resolve()),
@@ -520,6 +525,12 @@ def result_rows(result: ConfigResult) -> list[str]:
                 f"| {result.name} | {result.image_size} | {result.dtype} | {label} | {mib['finetune']} "
                 f"| {mib['reference']} | {before:.2f}x | {mib['fast']} | **{after:.2f}x** | {mib['lean']} "
                 f"| **{lean:.2f}x** | {_verdict(after, lean, target) if target else ''} |"
+            )
+        if "checkpointed" in peaks:
+            rows.append(
+                f"| {result.name} | {result.image_size} | {result.dtype} | training peak {unit}, gradient "
+                f"checkpointing | {peaks['finetune'] / 2**20:.0f} MiB | | | {peaks['checkpointed'] / 2**20:.0f} MiB "
+                f"| **{peaks['checkpointed'] / peaks['finetune']:.2f}x** | | | |"
             )
     return rows
 
