@@ -112,6 +112,10 @@ def parse_args(argv: list[str] | None = None):
         given = {arg[2:].split("=")[0] for arg in argv if arg.startswith("--")}
     model_args, _, adafilter_args, _, training_args = parsed
     applied = apply_training_defaults(training_args, model_args.method, given)
+    if "dataloader_num_workers" not in given and torch.cuda.is_available():
+        # Decoding and augmenting images in the main process would starve a GPU; on a CPU the workers would take
+        # cores from the training itself, so there it stays 0.
+        training_args.dataloader_num_workers = min(4, len(os.sched_getaffinity(0)))
     if training_args.ddp_find_unused_parameters is None:
         # transformers searches the graph for unused parameters every DDP step for a PreTrainedModel; here every
         # trainable parameter is used in every step, except the gate network during a gate warm-up.

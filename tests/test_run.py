@@ -498,3 +498,14 @@ def test_gradient_checkpointing_flag_trains_adafilter(workspace, tmp_path, monke
     results = run_example.main(run_args(workspace, tmp_path / "gc", "adafilter", "--gradient_checkpointing"))
     assert 0.0 <= results["eval_accuracy"] <= 1.0
     assert len(calls) == 2 * 4 * len(json.loads((tmp_path / "gc" / "gate_fractions.json").read_text()))
+
+
+def test_data_loader_workers_default_to_four_on_a_gpu_and_none_on_a_cpu(workspace, tmp_path, monkeypatch):
+    def workers(*extra: str) -> int:
+        return run_example.parse_args(run_args(workspace, tmp_path, "adafilter", *extra))[-1].dataloader_num_workers
+
+    assert workers() == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert workers() == 4
+    assert workers("--dataloader_num_workers", "1") == 1
