@@ -149,7 +149,7 @@ def build_variant(config: ModelConfig, variant: str) -> transformers.PreTrainedM
     gate_sizes = LEAN_GATES if variant == "lean" else {}
     model = AdaFilterForImageClassification.from_backbone(plain, num_labels=NUM_LABELS, **gate_sizes)
     if variant == "checkpointed":
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     return model
 
 

@@ -90,7 +90,7 @@ class GatedLayer(nn.Module):
     """
 
     implementation: str = "auto"
-    # Set by transformers' `gradient_checkpointing_enable()` (with `_gradient_checkpointing_func`).
+    # Set by transformers' `activation_checkpointing_enable()` (or its deprecated alias `gradient_checkpointing_enable()`).
     gradient_checkpointing: bool = False
     _folded: FoldedBanks | None = None
     _op: object = None

@@ -400,7 +400,7 @@ def test_gradient_checkpointing_gives_the_same_loss_gradients_and_statistics(fam
     perturb_finetuned_bank(model)
     model.adafilter.gate_controller.noise_scale = 0.0
     checkpointed = copy.deepcopy(model)
-    checkpointed.gradient_checkpointing_enable()
+    checkpointed.activation_checkpointing_enable()
     assert all(layer.gradient_checkpointing for layer in checkpointed.adafilter.gated_layers.values())
     pixels, labels = pixel_batch().double(), torch.tensor([0, 1, 2, 3])
     outputs = []

@@ -495,7 +495,7 @@ def test_gradient_checkpointing_flag_trains_adafilter(workspace, tmp_path, monke
     calls = []
     original = layers._RecomputableBanks.__call__
     monkeypatch.setattr(layers._RecomputableBanks, "__call__", lambda self, *a: calls.append(1) or original(self, *a))
-    results = run_example.main(run_args(workspace, tmp_path / "gc", "adafilter", "--gradient_checkpointing"))
+    results = run_example.main(run_args(workspace, tmp_path / "gc", "adafilter", "--activation_checkpointing"))
     assert 0.0 <= results["eval_accuracy"] <= 1.0
     assert len(calls) == 2 * 4 * len(json.loads((tmp_path / "gc" / "gate_fractions.json").read_text()))
 
