@@ -1137,12 +1137,14 @@ def verdict(differences: dict, tasks: Sequence[str], quick: bool = False) -> str
         )
     wins = sum(v < 0 for v in ada["per_task"].values())
     mean = ada["mean"]
+    # A lower mean beats fine-tuning only where the paired interval excludes 0.
+    beats = mean < 0 and ada.get("ci95") is not None and ada["paired_mean"] + ada["ci95"] < 0
     outcome = (
         "**AdaFilter beats standard fine-tuning here**"
-        if mean < 0
+        if beats
         else "**AdaFilter does NOT beat standard fine-tuning here**"
     )
-    why = "" if mean < 0 else " What was checked and why: `transfer_investigation.md` beside this file."
+    why = "" if beats else " What was checked and why: `transfer_investigation.md` beside this file."
     return (
         f"{outcome}: its mean test error is {mean:+.2f} points relative to fine-tuning (negative = fewer errors; "
         f"the paper reports {-PAPER_MEAN_ERROR_REDUCTION:+.2f} on its 7 datasets), lower on {wins} of "
