@@ -219,6 +219,33 @@ _SHORT_GRID = (3e-4, 1e-3)
 # Few trainable parameters on frozen features (a head, LoRA, biases) want a larger step.
 _FEW_PARAMETERS = ("linear_probe", "lora", "bitfit")
 _SHORT_PROBE_GRID = (3e-3, 1e-2)
+
+
+def _natural_grid(method: str) -> tuple[float, ...]:
+    if method in _OWN_OPTIMIZER:
+        return _SGD_GRID
+    return (3e-3, 1e-2, 3e-2) if method in _FEW_PARAMETERS else (3e-4, 1e-3, 3e-3)
+
+
+# The natural-image protocol: Tux Paint photos, 20 training images per class, 25 independent stratified splits,
+# each a paired replicate (same images, order and augmentation draws for every method); choices are made on 2 other
+# splits' validation images, pooled.
+NATURAL = Budget(
+    scale="natural",
+    selection_scale="natural_select",
+    resplit=True,
+    tasks=("tuxpaint",),
+    image_size=96,
+    epochs=30,
+    train_batch_size=32,
+    eval_batch_size=100,
+    seeds=tuple(range(1, 26)),
+    selection_seeds=(101, 102),
+    lr_grids={m: _natural_grid(m) for m in METHODS},
+    min_crop_scale=0.25,
+    lr_from=_ABLATIONS_SHARE_ADAFILTER_LR,
+    grid_extensions=1,
+)
 PRESETS: dict[str, Budget] = {
     # The paper's regime: 30 labelled images per class, trained to convergence (fine-tuning fits its training set).
     "paper": Budget(
@@ -255,46 +282,19 @@ PRESETS: dict[str, Budget] = {
         lr_grids={m: _SHORT_PROBE_GRID if m in _FEW_PARAMETERS else _SHORT_GRID for m in METHODS},
         lr_from={m: "adafilter" for m in LEAN_GATE_METHODS},
     ),
-    # The natural-image protocol: Tux Paint photos, 20 training images per class, 25 independent stratified splits,
-    # each a paired replicate (same images, order and augmentation draws for every method); choices are made on
-    # 2 other splits' validation images, pooled.
-    "natural": Budget(
-        scale="natural",
-        selection_scale="natural_select",
-        resplit=True,
-        tasks=("tuxpaint",),
-        image_size=96,
-        epochs=30,
-        train_batch_size=32,
-        eval_batch_size=100,
-        seeds=tuple(range(1, 26)),
-        selection_seeds=(101, 102),
-        lr_grids={
-            m: _SGD_GRID
-            if m in _OWN_OPTIMIZER
-            else (3e-3, 1e-2, 3e-2)
-            if m in _FEW_PARAMETERS
-            else (3e-4, 1e-3, 3e-3)
-            for m in METHODS
-        },
-        min_crop_scale=0.25,
-        lr_from=_ABLATIONS_SHARE_ADAFILTER_LR,
-        grid_extensions=1,
-    ),
-    # The larger-data regime: 60% of every Tux Paint class trains (about 200 images), 3 paired splits, at the LRs the
-    # natural protocol chose on its validation splits (fine-tuning 3e-4, AdaFilter 1e-3): no selection of its own.
-    "natural_large": Budget(
+    "natural": NATURAL,
+    # The larger-data regime: the same protocol with 60% of every Tux Paint class in train (about 200 images), 3
+    # paired splits, at the LRs the natural protocol chose on its validation splits (fine-tuning 3e-4, AdaFilter
+    # 1e-3): no selection of its own.
+    "natural_large": replace(
+        NATURAL,
         scale="natural_large",
-        resplit=True,
-        tasks=("tuxpaint",),
-        image_size=96,
-        epochs=30,
-        train_batch_size=32,
-        eval_batch_size=100,
+        selection_scale=None,
         seeds=(201, 202, 203),
         selection_seeds=(),
         lr_grids={"finetune": (3e-4,), "adafilter": (1e-3,)},
-        min_crop_scale=0.25,
+        lr_from={},
+        grid_extensions=0,
     ),
     "quick": Budget(
         scale="quick",
@@ -703,17 +703,22 @@ def method_costs(methods: Sequence[str], model: str, num_labels: int, work_dir: 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def pooled_validation(selection: Sequence[dict]) -> dict[float, tuple[float, float]]:
-    """{LR: (validation accuracy, loss)}, each the mean over the selection seeds that ran it."""
+def metrics_by_lr(selection: Sequence[dict]) -> dict[float, list[dict]]:
+    """The metrics of the selection runs, by learning rate (one entry per selection seed that ran it)."""
     by_lr: dict[float, list[dict]] = defaultdict(list)
     for result in selection:
         by_lr[result["learning_rate"]].append(result["metrics"])
+    return by_lr
+
+
+def pooled_validation(selection: Sequence[dict]) -> dict[float, tuple[float, float]]:
+    """{LR: (validation accuracy, loss)}, each the mean over the selection seeds that ran it."""
     return {
         lr: (
             statistics.fmean(m["eval_accuracy"] for m in runs),
             statistics.fmean(m["eval_loss"] for m in runs),
         )
-        for lr, runs in by_lr.items()
+        for lr, runs in metrics_by_lr(selection).items()
     }
 
 
@@ -1104,10 +1109,7 @@ def validation_table(
             selection = [
                 r for r in results if (r["task"], r["method"], r["phase"]) == (task, method, "select")
             ]
-            by_lr: dict[float, list[dict]] = defaultdict(list)
-            for r in selection:
-                by_lr[r["learning_rate"]].append(r["metrics"])
-            for lr, runs in sorted(by_lr.items()):
+            for lr, runs in sorted(metrics_by_lr(selection).items()):
 
                 def mean_of(key: str, scale: float = 100.0, runs=runs) -> str:
                     value = mean_or_none([m.get(key) for m in runs])
