@@ -56,6 +56,8 @@ VARIANT_TITLES = {
     "fast": "AdaFilter after",
     "lean": "AdaFilter after, lean gates",
 }
+# Inference only: the default fast paths trusting version counters for the folded weights (no checksum per call).
+VERSION_CHECK = "fast_version_check"
 # The lean gate network: 16 wide instead of 64 (same accuracy on the short transfer preset, see the README).
 LEAN_GATES = {"gate_input_size": 16, "gate_hidden_size": 16}
 DW_METRIC = "train_step_fast_depthwise_baseline"
@@ -229,10 +231,16 @@ def make_train_step(
 
 
 def make_inference(
-    model: transformers.PreTrainedModel, variant: str, batch: int, size: int, settings: Settings
+    model: transformers.PreTrainedModel,
+    variant: str,
+    batch: int,
+    size: int,
+    settings: Settings,
+    folded_weights_check: str | None = None,
 ) -> Callable[[], None]:
     """Eval-mode forwards without grad, each on the next of a few fixed random batches: consecutive calls see
-    different images, as in serving (AdaFilter's batch-1 kernels are updated only where the decisions change)."""
+    different images, as in serving (AdaFilter's batch-1 kernels are updated only where the decisions change).
+    `folded_weights_check` overrides the model's `config.folded_weights_check` during these calls."""
     device = settings.device
     model.to(device).eval()
     generator = torch.Generator().manual_seed(1)
@@ -240,12 +248,20 @@ def make_inference(
     inputs = itertools.cycle(batches)
 
     def forward() -> None:
-        with (
-            gated_implementation(model, implementation_of(variant)),
-            autocast_context(settings),
-            torch.no_grad(),
-        ):
-            model(next(inputs))
+        config = getattr(model, "config", None)
+        default_check = getattr(config, "folded_weights_check", None)
+        if folded_weights_check is not None:
+            config.folded_weights_check = folded_weights_check
+        try:
+            with (
+                gated_implementation(model, implementation_of(variant)),
+                autocast_context(settings),
+                torch.no_grad(),
+            ):
+                model(next(inputs))
+        finally:
+            if folded_weights_check is not None:
+                config.folded_weights_check = default_check
 
     return forward
 
@@ -361,6 +377,9 @@ def benchmark_config(config: ModelConfig, settings: Settings, measure_memory: bo
     del finetune_dw
     for infer_batch in config.infer_batches:
         forwards = {v: make_inference(m, v, infer_batch, size, settings) for v, m in models.items()}
+        forwards[VERSION_CHECK] = make_inference(
+            models["fast"], "fast", infer_batch, size, settings, "version"
+        )
         repeats = settings.infer_repeats * (3 if infer_batch == 1 else 1)
         warmup = settings.warmup * (3 if infer_batch == 1 else 1)
         result.seconds[f"infer_b{infer_batch}"] = time_interleaved(forwards, warmup, repeats, device)
@@ -511,6 +530,13 @@ def result_rows(result: ConfigResult) -> list[str]:
             f"| {values['fast'] * 1e3:.1f} ms | **{after:.2f}x** | {values['lean'] * 1e3:.1f} ms | **{lean:.2f}x** "
             f"| {_verdict(after, lean, target) if target else ''} |"
         )
+        if VERSION_CHECK in values:
+            rows.append(
+                f"| {result.name} | {result.image_size} | {result.dtype} | {labels.get(metric, metric)}, "
+                f'`folded_weights_check="version"` | {values["finetune"] * 1e3:.1f} ms | | '
+                f"| {values[VERSION_CHECK] * 1e3:.1f} ms | **{values[VERSION_CHECK] / values['finetune']:.2f}x** "
+                "| | | |"
+            )
     if result.memory:
         unit = "RSS" if result.device == "cpu" else "allocated"
         peaks = {v: m["peak"] for v, m in result.memory.items()}

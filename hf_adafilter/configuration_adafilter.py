@@ -18,6 +18,8 @@ from .backbones import SUPPORTED_FAMILIES
 GATE_NETWORKS = ("lstm", "gru", "independent")
 # How gated layers compute (layers.GATED_FORWARDS): all give the same outputs up to float rounding.
 GATED_IMPLEMENTATIONS = ("reference", "fused", "merged", "auto")
+# How inference validates its folded copy of the banks (gated_inference.FoldedBanks).
+FOLDED_WEIGHTS_CHECKS = ("content", "version")
 # Refused before anything is allocated: an LSTM of this width already holds ~4 * 4096^2 weights per matrix pair.
 MAX_GATE_SIZE = 4096
 
@@ -65,6 +67,12 @@ class AdaFilterConfig(PreTrainedConfig):
             How the gated layers compute, like transformers' `attn_implementation`: `"reference"` (the definition,
             module by module), `"fused"`, `"merged"` or `"auto"` (fast paths; see `layers.apply_gated_implementation`).
             Change it on a built model with `model.set_gated_implementation(name)`.
+        folded_weights_check (`str`, *optional*, defaults to `"content"`):
+            How inference knows its cached copy of the banks with their BatchNorms folded in is current.
+            `"content"` compares an exact checksum of every tensor the copy is computed from on each call, so any
+            edit is seen, also through `.data` (which PyTorch's version counters do not record). `"version"` trusts
+            the version counters and skips that read of the weights: for serving a model nobody edits through
+            `.data`.
         compact_base (`dict`, *optional*):
             Set only in the `config.json` of a compact checkpoint (`save_pretrained(..., compact=True)`), which stores
             what training changed but not the frozen pre-trained bank: where that bank is rebuilt from and its
@@ -88,6 +96,7 @@ class AdaFilterConfig(PreTrainedConfig):
     classifier_dropout: float | int | None = None
     initializer_range: float | int = 0.02
     gated_implementation: str = "auto"
+    folded_weights_check: str = "content"
     compact_base: dict | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
@@ -119,6 +128,11 @@ class AdaFilterConfig(PreTrainedConfig):
             raise ValueError(
                 f"AdaFilterConfig.gated_implementation must be one of {', '.join(map(repr, GATED_IMPLEMENTATIONS))}, "
                 f"got {self.gated_implementation!r}."
+            )
+        if self.folded_weights_check not in FOLDED_WEIGHTS_CHECKS:
+            raise ValueError(
+                f"AdaFilterConfig.folded_weights_check must be one of {', '.join(map(repr, FOLDED_WEIGHTS_CHECKS))}, "
+                f"got {self.folded_weights_check!r}."
             )
         for name in ("gate_input_size", "gate_hidden_size"):
             value = getattr(self, name)

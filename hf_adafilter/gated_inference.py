@@ -31,6 +31,8 @@ class FoldedBanks:
     # Both banks in one tensor (groups == 1); weight_finetuned / weight_pretrained are then its halves, not copies.
     joined_weight: torch.Tensor | None = None
     joined_bias: torch.Tensor | None = None
+    # `content_digest` of the sources it was folded from (None where the model checks versions only).
+    digest: torch.Tensor | None = None
     # Batch 1: the last merged kernel and the gates it holds, updated only where the next image's gates differ.
     last_merged: tuple[torch.Tensor, torch.Tensor] | None = None
     # Created on first use (not under torch.compile, which cannot trace it): one forward at a time updates the kernel.
@@ -38,8 +40,27 @@ class FoldedBanks:
 
 
 def tensors_key(tensors: Sequence[torch.Tensor]) -> tuple:
-    """Identity, storage and in-place version of every tensor: changes whenever a folded copy would go stale."""
+    """Identity, storage and in-place version of every tensor: changes with every edit but those through `.data`."""
     return tuple((id(t), t.data_ptr(), t._version) for t in tensors)
+
+
+_SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def content_digest(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per tensor, the wrapping integer sum of its elements' bit patterns: exact integer arithmetic, so a change to
+    any one element changes it (float sums could round a small edit away). This sees edits through `.data`, which
+    version counters do not, at the cost of reading every tensor once."""
+    sums = [
+        t.view(_SAME_WIDTH_INT[t.element_size()]).sum(
+            dtype=torch.int64 if t.element_size() == 8 else torch.int32
+        )
+        for t in tensors
+        if t.is_floating_point()
+    ]
+    if len({s.dtype for s in sums}) > 1:
+        sums = [s.long() for s in sums]
+    return torch.stack(sums) if sums else torch.zeros(0)
 
 
 @torch.no_grad()
@@ -50,6 +71,7 @@ def fold_banks(
     finetuned_norm: _BatchNorm | None,
     pretrained_norm: _BatchNorm | None,
     key: tuple = (),
+    digest: torch.Tensor | None = None,
 ) -> FoldedBanks:
     """Each bank as one kernel with its (eval-mode) BatchNorm folded in.
 
@@ -64,14 +86,23 @@ def fold_banks(
         bias_finetuned = bias_finetuned if bias_finetuned is not None else torch.zeros_like(bias_pretrained)
         bias_pretrained = bias_pretrained if bias_pretrained is not None else torch.zeros_like(bias_finetuned)
     if op.groups != 1:
-        return FoldedBanks(key, weight_finetuned, weight_pretrained, bias_finetuned, bias_pretrained)
+        return FoldedBanks(
+            key, weight_finetuned, weight_pretrained, bias_finetuned, bias_pretrained, digest=digest
+        )
     channels = weight_finetuned.shape[0]
     joined_weight = torch.cat((weight_finetuned, weight_pretrained))
     joined_bias = torch.cat((bias_finetuned, bias_pretrained)) if bias_finetuned is not None else None
     weight_finetuned, weight_pretrained = joined_weight.split(channels)
     bias_finetuned, bias_pretrained = joined_bias.split(channels) if joined_bias is not None else (None, None)
     return FoldedBanks(
-        key, weight_finetuned, weight_pretrained, bias_finetuned, bias_pretrained, joined_weight, joined_bias
+        key,
+        weight_finetuned,
+        weight_pretrained,
+        bias_finetuned,
+        bias_pretrained,
+        joined_weight,
+        joined_bias,
+        digest=digest,
     )
 
 

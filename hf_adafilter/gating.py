@@ -172,8 +172,10 @@ class GateForward:
     and each layer's decisions. It lives in a context variable while the model's forward runs (`gate_forward`), so
     two threads, or DataParallel replicas (each with its own controller), never see each other's."""
 
-    def __init__(self, controller: GateController) -> None:
+    def __init__(self, controller: GateController, folded_weights_check: str = "content") -> None:
         self.controller = controller
+        # The model's `config.folded_weights_check`, read by the gated layers' inference paths.
+        self.folded_weights_check = folded_weights_check
         self.state: _State = None
         self.gates: list[torch.Tensor | None] = [None] * len(controller)
         self.probs: list[torch.Tensor | None] = [None] * len(controller)
@@ -204,10 +206,12 @@ _ACTIVE_FORWARD: ContextVar[GateForward | None] = ContextVar("adafilter_gate_for
 _COMPILED_FORWARD: list[GateForward | None] = [None]
 
 
-def activate_gate_forward(controller: GateController) -> tuple[GateForward, object]:
+def activate_gate_forward(
+    controller: GateController, folded_weights_check: str = "content"
+) -> tuple[GateForward, object]:
     """A fresh `GateForward` of `controller`, made the active one of this thread; returns it and the token that
     `deactivate_gate_forward` takes back (forwards nest)."""
-    forward = GateForward(controller)
+    forward = GateForward(controller, folded_weights_check)
     if torch.compiler.is_compiling():
         previous, _COMPILED_FORWARD[0] = _COMPILED_FORWARD[0], forward
         return forward, previous

@@ -23,6 +23,7 @@ from .batchnorm_ops import (
 from .configuration_adafilter import GATED_IMPLEMENTATIONS
 from .gated_inference import (
     FoldedBanks,
+    content_digest,
     fold_banks,
     merged_forward,
     prefer_merged,
@@ -266,10 +267,13 @@ class GatedLayer(nn.Module):
         modules = (named["finetuned_layer"], named["base_layer"], *norms)
         if torch.compiler.is_compiling():
             return fold_banks(op, *modules)
-        key = tensors_key(_folding_sources(modules))
+        sources = _folding_sources(modules)
+        key = tensors_key(sources)
+        check_content = active_gate_forward().folded_weights_check == "content"
+        digest = content_digest(sources) if check_content else None
         folded = self._folded
-        if folded is None or folded.key != key:
-            folded = self._folded = fold_banks(op, *modules, key=key)
+        if folded is None or folded.key != key or (check_content and not _same_digest(folded.digest, digest)):
+            folded = self._folded = fold_banks(op, *modules, key=key, digest=digest)
         return folded
 
     def train(self, mode: bool = True) -> GatedLayer:
@@ -311,6 +315,10 @@ class _RecomputableBanks:
             with torch.no_grad():
                 for buffer, value in zip(buffers, saved, strict=True):
                     buffer.copy_(value)
+
+
+def _same_digest(cached: torch.Tensor | None, current: torch.Tensor) -> bool:
+    return cached is not None and torch.equal(cached, current)
 
 
 def _folding_sources(modules: tuple[nn.Module | None, ...]) -> list[torch.Tensor]:

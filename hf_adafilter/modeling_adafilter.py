@@ -266,7 +266,7 @@ class AdaFilterModel(AdaFilterPreTrainedModel):
             output_hidden_states = self.config.output_hidden_states
         # The gate state of this call only (not `with gate_forward(...)`: torch.compile traces try/finally, not a
         # generator context manager).
-        state, token = activate_gate_forward(self.gate_controller)
+        state, token = activate_gate_forward(self.gate_controller, self.config.folded_weights_check)
         try:
             outputs = self.backbone(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
         finally:

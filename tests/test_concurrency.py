@@ -128,6 +128,50 @@ def test_a_replica_uses_its_own_parameters():
     assert not torch.allclose(after, before)  # the replica's own (edited) copies decided, not the original's
 
 
+@pytest.mark.parametrize("edit", ["finetuned weight", "pretrained weight", "running mean", "one element"])
+def test_in_place_edits_through_data_are_seen_by_every_implementation(edit):
+    """Weight averaging, pruning and quantisation tools edit through `.data`, which no version counter records:
+    the cached folded banks of the inference paths must still follow, as the reference does."""
+    model = trained_looking_model(dtype=torch.float32)
+    pixels = pixel_batch(1), pixel_batch(4, seed=5)
+    layer = next(iter(model.adafilter.gated_layers.values()))
+    tensor = {
+        "finetuned weight": layer.finetuned_layer.weight,
+        "pretrained weight": layer.base_layer.weight,
+        "running mean": layer.base_norm.running_mean,
+        "one element": layer.finetuned_layer.weight,
+    }[edit]
+    with torch.no_grad():
+        for implementation in ("auto", "merged", "fused"):
+            model.set_gated_implementation(implementation)
+            before = [model(batch).logits for batch in pixels]
+            if edit == "one element":  # in both banks, so that it shows whichever bank the gate picks
+                for bank in (layer.finetuned_layer, layer.base_layer):
+                    bank.weight.data.view(-1)[7] += 0.5
+            else:
+                tensor.data.mul_(1.5).add_(0.1)
+            after = [model(batch).logits for batch in pixels]
+            model.set_gated_implementation("reference")
+            reference = [model(batch).logits for batch in pixels]
+            for moved, unmoved, expected in zip(after, before, reference, strict=True):
+                assert not torch.equal(moved, unmoved)
+                torch.testing.assert_close(moved, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_folded_weights_check_version_trusts_the_version_counters():
+    """The serving option: no checksum read per call, so an edit through `.data` goes unseen until a tracked edit."""
+    model = trained_looking_model(dtype=torch.float32)
+    model.config.folded_weights_check = "version"
+    pixels = pixel_batch(2)
+    weight = next(iter(model.adafilter.gated_layers.values())).finetuned_layer.weight
+    with torch.no_grad():
+        before = model(pixels).logits
+        weight.data.mul_(1.5)
+        torch.testing.assert_close(model(pixels).logits, before, rtol=0, atol=0)
+        weight.mul_(1.0)  # tracked: bumps the version
+        assert not torch.equal(model(pixels).logits, before)
+
+
 def test_pickle_and_torch_save_round_trip_the_model():
     model = trained_looking_model(dtype=torch.float32)
     pixels = pixel_batch(3)

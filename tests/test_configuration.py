@@ -45,6 +45,7 @@ def test_json_round_trip_is_exact_for_every_family(family, tmp_path):
     ("overrides", "message"),
     [
         ({"gate_network": "rnn"}, r"gate_network must be one of 'lstm', 'gru', 'independent', got 'rnn'"),
+        ({"folded_weights_check": "none"}, r"folded_weights_check must be one of 'content', 'version', got 'none'"),
         ({"gate_hidden_size": 0}, r"gate_hidden_size must be an integer in \[1, 4096\], got 0"),
         ({"gate_input_size": 2.5}, r"gate_input_size must be an integer in \[1, 4096\], got 2.5"),
         ({"gumbel_temperature": 0}, r"gumbel_temperature must be > 0, got 0.0"),

@@ -471,7 +471,10 @@ def test_speed_benchmark_runs_on_a_tiny_config():
         for variant in speed.VARIANTS
     }
     assert set(result.seconds) == {"train_step", "infer_b1", "infer_b4"}
-    assert all(set(values) == set(speed.VARIANTS) for values in result.seconds.values())
+    assert set(result.seconds["train_step"]) == set(speed.VARIANTS)
+    for metric in ("infer_b1", "infer_b4"):
+        assert set(result.seconds[metric]) == {*speed.VARIANTS, speed.VERSION_CHECK}
     report = speed.render([result], settings, "python benchmarks/speed.py --quick", ("0", "0"))
     assert "| tiny-resnet | 32 | fp32 | training step, batch 4 |" in report
+    assert '| tiny-resnet | 32 | fp32 | inference, batch 1, `folded_weights_check="version"` |' in report
     assert "training peak RSS" in report and "torch " + torch.__version__ in report
