@@ -258,6 +258,10 @@ def joins_well(op: BankOp, hidden_states: torch.Tensor, weight: torch.Tensor) ->
 
     Joining reads the input once and runs one larger GEMM, but copies both banks' weights into one tensor every
     step; per-layer measurements (Lite0, ResNet-50 shapes, CPU) favour it while the input is at least as large as
-    one bank's weight, and it never pays for grouped convs (see `run_banks`).
+    one bank's weight, and it never pays for grouped convs (see `run_banks`). Off CPU (unmeasured) every ungrouped
+    layer joins: one larger GEMM saves a kernel launch and a read of the input, and copying the weights costs little
+    at GPU memory bandwidth.
     """
-    return op.groups == 1 and hidden_states.numel() >= weight.numel()
+    if op.groups != 1:
+        return False
+    return weight.device.type != "cpu" or hidden_states.numel() >= weight.numel()

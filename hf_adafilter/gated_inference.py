@@ -126,7 +126,7 @@ def merged_forward(
         else None
     )
     if batch == 1:
-        if folded.weight_finetuned.numel() < INCREMENTAL_MIN_ELEMENTS or torch.compiler.is_compiling():
+        if not _updates_incrementally(folded.weight_finetuned) or torch.compiler.is_compiling():
             return op(
                 hidden_states, merge_filters(folded.weight_pretrained, folded.weight_finetuned, gates), bias
             )
@@ -220,6 +220,13 @@ def prefer_merged(op: BankOp, weight: torch.Tensor, output_positions: int, batch
     if weight.device.type != "cpu":
         return False
     return output_positions >= MERGE_MIN_POSITIONS and batch * weight.numel() <= MERGE_MAX_ELEMENTS
+
+
+def _updates_incrementally(weight: torch.Tensor) -> bool:
+    """Whether the batch-1 kernel is updated row by row (`incremental_merged_kernel`) rather than merged afresh:
+    on CPU for large kernels, where writing the kernel dominates; off CPU (unmeasured) never, since one `lerp`
+    is one kernel launch while the row updates are several."""
+    return weight.device.type == "cpu" and weight.numel() >= INCREMENTAL_MIN_ELEMENTS
 
 
 MERGE_MIN_POSITIONS = 32

@@ -9,24 +9,28 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
-from conftest import perturb_finetuned_bank, pixel_batch, random_backbone
+from conftest import perturb_finetuned_bank, random_backbone
+from conftest import pixel_batch as cpu_pixel_batch
 from torch import nn
 
 from hf_adafilter import AdaFilterConfig, AdaFilterForImageClassification, gated_inference
-from hf_adafilter.bank_ops import BankOp, bank_op, depthwise_weight_grad
+from hf_adafilter.bank_ops import BankOp, bank_op, depthwise_weight_grad, joins_well
 from hf_adafilter.gated_inference import prefer_merged
 from hf_adafilter.gating import GateController, gate_forward
 from hf_adafilter.layers import GatedLayer, gated_implementation
 
 FP64_TOLERANCE = 1e-9
 FP32_TOLERANCE = 1e-5
-LABELS = torch.tensor([0, 1, 2, 3])
+# Where the model-level equivalence tests run: the CPU, or the GPU `benchmarks/gpu_check.py` runs them on.
+DEVICE = torch.device(os.environ.get("HF_ADAFILTER_TEST_DEVICE", "cpu"))
+LABELS = torch.tensor([0, 1, 2, 3], device=DEVICE)
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,7 +40,11 @@ def perturbed_model(
     """Both banks (and norms) different, as after training, so a path that mixed them up would show."""
     model = AdaFilterForImageClassification.from_backbone(random_backbone(family), num_labels=5, **overrides)
     perturb_finetuned_bank(model, seed=3, scale=0.3, mean_shift=0.2, gain=1.3, bias_shift=0.1)
-    return model.to(dtype)
+    return model.to(device=DEVICE, dtype=dtype)
+
+
+def pixel_batch(batch_size: int = 4, seed: int = 1) -> torch.Tensor:
+    return cpu_pixel_batch(batch_size, seed).to(DEVICE)
 
 
 def run_step(model, implementation: str, pixels: torch.Tensor, train: bool, grad: bool = True):
@@ -47,7 +55,9 @@ def run_step(model, implementation: str, pixels: torch.Tensor, train: bool, grad
     with gated_implementation(model, implementation), torch.set_grad_enabled(grad):
         out = model(pixels, labels=LABELS[: pixels.shape[0]] if grad else None)
         if grad:
-            weights = [torch.linspace(0.1, 1.0, g.shape[1], dtype=g.dtype) for g in out.gates]
+            weights = [
+                torch.linspace(0.1, 1.0, g.shape[1], dtype=g.dtype, device=g.device) for g in out.gates
+            ]
             (out.loss + sum((g * w).mean() for g, w in zip(out.gates, weights, strict=True))).backward()
     # A compiled model names its parameters `_orig_mod.<name>`.
     grads = {
@@ -234,6 +244,25 @@ def test_cost_model_merges_batch_one_and_depthwise():
     assert not prefer_merged(pointwise, torch.empty(1280, 320, 1, 1), output_positions=16, batch=32)
 
 
+def test_choices_off_cpu_follow_the_documented_device_rule():
+    """CPU thresholds are measured; elsewhere (a "meta" tensor stands in for a GPU one) the rule is fixed: merge only
+    at batch 1 and for depthwise kernels, join every ungrouped layer in training, rewrite batch-1 kernels whole."""
+    pointwise, depthwise = BankOp(linear=False), BankOp(linear=False, groups=96)
+    small_input = torch.empty(1, 16, 4, 4)
+    for device in ("cpu", "meta"):
+        weight = torch.empty(96, 16, 1, 1, device=device)
+        on_cpu = device == "cpu"
+        assert prefer_merged(pointwise, weight, output_positions=1024, batch=32) is on_cpu
+        assert prefer_merged(pointwise, weight, output_positions=1024, batch=1)
+        assert prefer_merged(
+            depthwise, torch.empty(96, 1, 3, 3, device=device), output_positions=16, batch=32
+        )
+        large = torch.empty(1024, 1024, 1, 1, device=device)
+        assert joins_well(pointwise, small_input.to(device), large) is not on_cpu
+        assert not joins_well(depthwise, small_input.to(device), torch.empty(96, 1, 3, 3, device=device))
+        assert gated_inference._updates_incrementally(large) is on_cpu
+
+
 # ----------------------------------------------------------------------------- layer types and fallbacks
 
 
@@ -391,7 +420,7 @@ def autocast_run(model, implementation: str, pixels: torch.Tensor, dtype: torch.
     model.adafilter.gate_controller.eval()  # deterministic decisions: no noise to amplify rounding differences
     with (
         gated_implementation(model, implementation),
-        torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=bool(dtype)),
+        torch.autocast(pixels.device.type, dtype=dtype or torch.bfloat16, enabled=bool(dtype)),
     ):
         with torch.set_grad_enabled(train):
             out = model(pixels, labels=LABELS if train else None)
