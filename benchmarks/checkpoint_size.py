@@ -34,7 +34,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from hf_adafilter import AdaFilterForImageClassification  # noqa: E402
-from hf_adafilter.hub import weight_bytes  # noqa: E402
+from hf_adafilter.hub.model_card import weight_bytes  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "checkpoint_size.md"
 PARTS = ("fine-tuned bank", "norms", "gate network", "head", "other")

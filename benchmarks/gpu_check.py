@@ -58,7 +58,7 @@ def _load(path: Path, name: str):
 def plan(output_dir: Path) -> list[Step]:
     """The three steps, with their commands and time limits (together under 8 minutes)."""
     python = sys.executable
-    from hf_adafilter.cli import DEFAULT_ARGS
+    from hf_adafilter.training.cli import DEFAULT_ARGS
 
     training = [
         *DEFAULT_ARGS,
@@ -88,7 +88,7 @@ def dry_run(step: Step) -> None:
     """What can be checked without a GPU: the step's arguments parse, the test selection is not empty."""
     arguments = step.command[2:]
     if step.command[1] == "examples/run.py":
-        from hf_adafilter.cli import parse_args
+        from hf_adafilter.training.cli import parse_args
 
         parse_args([*arguments, "--use_cpu"])  # transformers refuses bf16 without a GPU unless told to use the CPU
         step.detail = "arguments parse"

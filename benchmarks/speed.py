@@ -42,9 +42,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from hf_adafilter import AdaFilterForImageClassification  # noqa: E402
-from hf_adafilter.backbones import get_family  # noqa: E402
-from hf_adafilter.bank_ops import BankOp, bank_op, depthwise_weight_grad_is_faster  # noqa: E402
-from hf_adafilter.layers import gated_implementation  # noqa: E402
+from hf_adafilter.modeling.backbones import get_family  # noqa: E402
+from hf_adafilter.modeling.bank_ops import BankOp, bank_op, depthwise_weight_grad_is_faster  # noqa: E402
+from hf_adafilter.modeling.layers import gated_implementation  # noqa: E402
 
 NUM_LABELS = 10
 VARIANTS = ("finetune", "reference", "fast", "lean")
@@ -80,7 +80,7 @@ class ModelConfig:
 
 def _lite0() -> transformers.PreTrainedModel:
     """ImageNet EfficientNet-Lite0 with a fresh 10-class head."""
-    from hf_adafilter.pretrained import load_packaged_backbone
+    from hf_adafilter.packaged.pretrained import load_packaged_backbone
 
     pretrained, _ = load_packaged_backbone("efficientnet-lite0")
     config = pretrained.config.to_dict()
@@ -410,8 +410,13 @@ SWEEP_LAYERS = (
 def layer_sweep(settings: Settings, batches: tuple[int, ...] = (1, 32), repeats: int = 7) -> list[str]:
     """Median time of one folded inference layer as per-example merged kernels and as both banks plus a select,
     with the cost model's pick: the measurements `gated_inference.prefer_merged` is calibrated on."""
-    from hf_adafilter.bank_ops import BankOp
-    from hf_adafilter.gated_inference import FoldedBanks, merged_forward, prefer_merged, two_bank_forward
+    from hf_adafilter.modeling.bank_ops import BankOp
+    from hf_adafilter.modeling.gated_inference import (
+        FoldedBanks,
+        merged_forward,
+        prefer_merged,
+        two_bank_forward,
+    )
 
     rows = [
         "| layer (in -> out, map, kernel, groups) | batch | merged | two banks + select | cost model picks |",

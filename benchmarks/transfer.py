@@ -632,13 +632,13 @@ def execute(spec: RunSpec, task: Task, budget: Budget, args: argparse.Namespace,
 
 
 def worker(result_path: str, threads: int, argv: list[str]) -> None:
-    """Inside the run's process: examples/run.py's main(argv) (`hf_adafilter.cli.main`), timed, with its peak memory."""
+    """Inside the run's process: examples/run.py's main(argv) (`hf_adafilter.training.cli.main`), timed, with its peak memory."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    from hf_adafilter import cli
-    from hf_adafilter.hub import GATE_FRACTIONS_FILE, PREDICTIONS_FILE
+    from hf_adafilter.hub.model_card import GATE_FRACTIONS_FILE, PREDICTIONS_FILE
+    from hf_adafilter.training import cli
 
     start_cpu, start = time.process_time(), time.perf_counter()
     metrics = cli.main(argv)
@@ -673,9 +673,9 @@ def test_correctness(path: Path) -> str | None:
 def method_costs(methods: Sequence[str], model: str, num_labels: int, work_dir: Path) -> dict[str, dict]:
     """What each method trains and what it saves: its model built and saved as examples/run.py builds and saves it
     (before training: sizes do not depend on it), with a `num_labels`-class head. AdaFilter also compact."""
-    from hf_adafilter.cli import parse_args
-    from hf_adafilter.hub import weight_bytes
-    from hf_adafilter.methods import build_classifier, count_parameters
+    from hf_adafilter.hub.model_card import weight_bytes
+    from hf_adafilter.training.cli import parse_args
+    from hf_adafilter.training.methods import build_classifier, count_parameters
 
     id2label = {index: str(index) for index in range(num_labels)}
     costs = {}
@@ -1484,7 +1484,7 @@ def lr_from_text(budget: Budget) -> str:
 
 def defaults_text(budget: Budget) -> str:
     """The examples/run.py defaults the runs use (read from the package, so the report cannot drift)."""
-    from hf_adafilter.arguments import AdaFilterArguments
+    from hf_adafilter.training.arguments import AdaFilterArguments
 
     defaults = AdaFilterArguments()
     momentum = (

@@ -9,11 +9,11 @@ With no arguments it runs the embedded default: the packaged ImageNet EfficientN
 AdaFilter on the Fashion-MNIST subset shipped in examples/data (a few minutes on 2 CPU cores).
 The result loads with `AutoModelForImageClassification.from_pretrained(output_dir)`.
 
-The code is `hf_adafilter/cli.py`, also installed as the `hf-adafilter-train` console script.
+The code is `hf_adafilter/training/cli.py`, also installed as the `hf-adafilter-train` console script.
 """
 
-from hf_adafilter.cli import *  # noqa: F403  (tests and benchmarks load this file as a module)
-from hf_adafilter.cli import run
+from hf_adafilter.training.cli import *  # noqa: F403  (tests and benchmarks load this file as a module)
+from hf_adafilter.training.cli import run
 
 if __name__ == "__main__":
     run()

@@ -5,19 +5,19 @@ Importing the package registers the model with transformers' Auto classes.
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
-from .backbone_sources import REGISTERED_RESOLVERS
-from .checkpointing import MODEL_CARD_WRITERS
-from .configuration_adafilter import AdaFilterConfig
-from .hub import push_model_card
-from .modeling_adafilter import (
+from .hub.model_card import push_model_card
+from .hub.prediction import classify_with_gate_fractions
+from .modeling.backbone_sources import REGISTERED_RESOLVERS
+from .modeling.checkpointing import MODEL_CARD_WRITERS
+from .modeling.configuration_adafilter import AdaFilterConfig
+from .modeling.modeling_adafilter import (
     AdaFilterForImageClassification,
     AdaFilterImageClassifierOutput,
     AdaFilterModel,
     AdaFilterModelOutput,
     AdaFilterPreTrainedModel,
 )
-from .prediction import classify_with_gate_fractions
-from .pretrained import is_packaged_backbone, packaged_backbone_path, resolve_packaged_backbone
+from .packaged.pretrained import is_packaged_backbone, packaged_backbone_path, resolve_packaged_backbone
 
 __version__ = "0.1.0"
 

@@ -55,6 +55,8 @@ REMOTE_CODE_FILES = (
     "batchnorm_ops.py",
     "gated_training.py",
     "gated_inference.py",
+    "bank_export.py",
+    "inputs.py",
 )
 
 

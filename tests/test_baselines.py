@@ -12,11 +12,16 @@ from conftest import pixel_batch, tiny_backbone_config
 from safetensors import safe_open
 from torch import nn
 
-from hf_adafilter.arguments import BaselineArguments
-from hf_adafilter.l2sp import L2SPPenalty
-from hf_adafilter.lora import lora_targets
-from hf_adafilter.methods import build_classifier, build_weight_penalty, classifier_head, count_parameters
-from hf_adafilter.trainer import AdaFilterTrainer
+from hf_adafilter.baselines.l2sp import L2SPPenalty
+from hf_adafilter.baselines.lora import lora_targets
+from hf_adafilter.training.arguments import BaselineArguments
+from hf_adafilter.training.methods import (
+    build_classifier,
+    build_weight_penalty,
+    classifier_head,
+    count_parameters,
+)
+from hf_adafilter.training.trainer import AdaFilterTrainer
 
 ID2LABEL = {0: "a", 1: "b", 2: "c"}
 
@@ -167,8 +172,8 @@ def test_lora_targets_adafilters_layers_and_names_those_peft_refuses(caplog):
     assert targets.accepted and targets.refused
     assert all("depthwise" in name for name in targets.refused)
     assert all("squeeze_excite" not in name and "embeddings" not in name for name in targets.accepted)
-    with caplog.at_level(logging.WARNING, logger="hf_adafilter.lora"):
-        from hf_adafilter.lora import apply_lora
+    with caplog.at_level(logging.WARNING, logger="hf_adafilter.baselines.lora"):
+        from hf_adafilter.baselines.lora import apply_lora
 
         peft_model = apply_lora(model, r=8)
     assert "LoRA skips" in caplog.text and next(iter(targets.refused)) in caplog.text

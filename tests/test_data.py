@@ -15,14 +15,14 @@ import torch
 import transformers
 from PIL import Image
 
-from hf_adafilter.data import (
+from hf_adafilter.data.images import check_images, decode_image, to_rgb
+from hf_adafilter.data.loading import (
     DEFAULT_DATASET_DIR,
     DataError,
     load_default_dataset,
     load_image_classification_data,
 )
-from hf_adafilter.images import check_images, decode_image, to_rgb
-from hf_adafilter.transforms import (
+from hf_adafilter.data.transforms import (
     Augmentation,
     build_transforms,
     collate_fn,
@@ -607,7 +607,7 @@ def test_collate_fn():
 )
 def test_resized_processor_preprocesses_exactly_like_the_eval_transform(processor):
     """run.py saves the resized processor: whoever loads the model must see what evaluation saw."""
-    from hf_adafilter.transforms import resize_image_processor
+    from hf_adafilter.data.transforms import resize_image_processor
 
     resized = resize_image_processor(processor, 96)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (150, 210, 3)).astype("uint8"))

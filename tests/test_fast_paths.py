@@ -20,11 +20,12 @@ from conftest import perturb_finetuned_bank, random_backbone
 from conftest import pixel_batch as cpu_pixel_batch
 from torch import nn
 
-from hf_adafilter import AdaFilterConfig, AdaFilterForImageClassification, gated_inference
-from hf_adafilter.bank_ops import BankOp, bank_op, depthwise_weight_grad, joins_well
-from hf_adafilter.gated_inference import prefer_merged
-from hf_adafilter.gating import GateController, gate_forward
-from hf_adafilter.layers import GatedLayer, gated_implementation
+from hf_adafilter import AdaFilterConfig, AdaFilterForImageClassification
+from hf_adafilter.modeling import gated_inference
+from hf_adafilter.modeling.bank_ops import BankOp, bank_op, depthwise_weight_grad, joins_well
+from hf_adafilter.modeling.gated_inference import prefer_merged
+from hf_adafilter.modeling.gating import GateController, gate_forward
+from hf_adafilter.modeling.layers import GatedLayer, gated_implementation
 
 FP64_TOLERANCE = 1e-9
 FP32_TOLERANCE = 1e-5

@@ -7,8 +7,8 @@ import torch
 from conftest import pixel_batch, random_backbone
 
 from hf_adafilter import AdaFilterConfig, AdaFilterForImageClassification
-from hf_adafilter.gating import straight_through_gates
-from hf_adafilter.trainer import gate_diagnostics, gate_noise_at
+from hf_adafilter.modeling.gating import straight_through_gates
+from hf_adafilter.training.trainer import gate_diagnostics, gate_noise_at
 
 
 def adafilter_from(backbone, **overrides) -> AdaFilterForImageClassification:

@@ -21,9 +21,10 @@ from hub_server import LocalHub, hub_env, last_json_line, run_python
 from huggingface_hub import ModelCard
 from test_run import REPO, RUN_SCRIPT, make_imagefolder
 
-from hf_adafilter import AdaFilterForImageClassification, AdaFilterModel, backbone_sources
-from hf_adafilter.compact import COMPACT_WEIGHTS_NAME, CompactBaseMismatchError
-from hf_adafilter.hub import push_model_card, render_model_card
+from hf_adafilter import AdaFilterForImageClassification, AdaFilterModel
+from hf_adafilter.hub.model_card import push_model_card, render_model_card
+from hf_adafilter.modeling import backbone_sources
+from hf_adafilter.modeling.compact import COMPACT_WEIGHTS_NAME, CompactBaseMismatchError
 
 TESTS = Path(__file__).resolve().parent
 LABELS = {0: "cat", 1: "dog", 2: "fox"}
@@ -54,7 +55,7 @@ def from_saved_backbone(path: Path, family: str = "resnet", seed: int = 0) -> Ad
 def test_remote_code_docstrings_name_every_package_they_import():
     """A Hub user runs these files without hf_adafilter: each states what it needs, and nothing else."""
     for name in REMOTE_CODE_FILES:
-        tree = ast.parse((REPO / "hf_adafilter" / name).read_text())
+        tree = ast.parse((REPO / "hf_adafilter" / "modeling" / name).read_text())
         imported = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
@@ -530,8 +531,8 @@ def test_backbone_kind_is_the_one_reading_of_a_backbone_name(tmp_path):
 def test_training_settings_report_the_precision_the_accelerator_ran(tmp_path):
     from transformers import TrainingArguments
 
-    from hf_adafilter.arguments import AdaFilterArguments
-    from hf_adafilter.hub import training_settings
+    from hf_adafilter.hub.model_card import training_settings
+    from hf_adafilter.training.arguments import AdaFilterArguments
 
     model = from_saved_backbone(tmp_path / "backbone")
     args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,3 +129,20 @@ def test_pipeline_classifies_with_the_saved_labels(tmp_path):
     predictions = classifier(image, top_k=3)
     assert {p["label"] for p in predictions} == set(LABELS.values())
     assert abs(sum(p["score"] for p in predictions) - 1) < 1e-4
+
+
+SAVED_BEFORE_FOLDERS = Path(__file__).parent / "fixtures" / "saved_before_package_folders"
+
+
+@pytest.mark.parametrize("loader", [AdaFilterForImageClassification, transformers.AutoModelForImageClassification])
+def test_a_model_saved_before_the_package_had_folders_loads_with_identical_outputs(loader):
+    """A checkpoint saved by the flat package (its remote code left out: this package's classes load it) gives the
+    logits and gates it gave when it was saved."""
+    expected = json.loads((SAVED_BEFORE_FOLDERS / "expected_outputs.json").read_text())
+    model = loader.from_pretrained(SAVED_BEFORE_FOLDERS).eval()
+    assert isinstance(model, AdaFilterForImageClassification)
+    with torch.no_grad():
+        output = model(pixel_batch(**expected["pixel_batch"]))
+    torch.testing.assert_close(output.logits, torch.tensor(expected["logits"]), rtol=0, atol=1e-6)
+    for gates, saved in zip(output.gates, expected["gates"], strict=True):
+        assert gates.tolist() == saved

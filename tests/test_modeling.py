@@ -12,7 +12,7 @@ from conftest import FAMILIES, perturb_finetuned_bank, pixel_batch, random_backb
 from PIL import Image
 
 from hf_adafilter import AdaFilterConfig, AdaFilterForImageClassification
-from hf_adafilter.layers import GatedLayer
+from hf_adafilter.modeling.layers import GatedLayer
 
 TOLERANCE = 1e-5
 
@@ -363,7 +363,7 @@ def test_print_trainable_parameters_shows_the_gate_network_apart(capsys):
 
 
 def test_classify_with_gate_fractions_returns_labels_and_each_images_fraction(tmp_path):
-    from hf_adafilter.prediction import classify_with_gate_fractions
+    from hf_adafilter.hub.prediction import classify_with_gate_fractions
 
     processor = transformers.ConvNextImageProcessorPil(size={"shortest_edge": 32}, crop_pct=1.0)
     model = adafilter_from(random_backbone("resnet"))

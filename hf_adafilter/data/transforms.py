@@ -25,7 +25,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from .backbones import family_eval_geometry
+from ..modeling.backbones import family_eval_geometry
 from .errors import DataError
 from .images import decode_image, to_rgb
 

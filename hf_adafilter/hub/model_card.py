@@ -15,9 +15,9 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .backbone_sources import backbone_kind
-from .compact import COMPACT_WEIGHTS_NAME, PACKAGE_INSTALL_HINT, saved_marker
-from .regularization import filter_weighted_mean
+from ..metrics.gate_statistics import filter_weighted_mean
+from ..modeling.backbone_sources import backbone_kind
+from ..modeling.compact import COMPACT_WEIGHTS_NAME, PACKAGE_INSTALL_HINT, saved_marker
 
 __all__ = [
     "GATE_FRACTIONS_FILE",

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor
 
-from .modeling_adafilter import AdaFilterForImageClassification
-from .regularization import finetuned_fraction_per_example
+from ..metrics.gate_statistics import finetuned_fraction_per_example
+from ..modeling.modeling_adafilter import AdaFilterForImageClassification
 
 
 @torch.no_grad()

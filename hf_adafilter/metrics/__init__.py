@@ -1,18 +1,21 @@
-"""`evaluate` metric modules shipped with the package, so evaluation needs no Hub access.
+"""What is measured: `evaluate` metric modules shipped with the package, so evaluation needs no Hub access, and
+the gates' fine-tuned fractions (`gate_statistics`).
 
 Each metric lives in `metrics/<name>/<name>.py` (the layout `evaluate.load(<folder>)` expects)
-and is installed as package data.
+and is installed as package data. `evaluate` is imported when a metric is loaded, not with the package.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import evaluate
 import numpy as np
 from transformers import EvalPrediction
+
+if TYPE_CHECKING:
+    import evaluate
 
 __all__ = [
     "METRICS_DIR",
@@ -40,6 +43,8 @@ def metric_path(name: str) -> str:
 
 def load_metric(name: str = "top_k_accuracy", **kwargs: Any) -> evaluate.EvaluationModule:
     """`evaluate.load` of a shipped metric; kept in memory by default so concurrent ranks share no cache file."""
+    import evaluate
+
     kwargs.setdefault("keep_in_memory", True)
     return evaluate.load(metric_path(name), **kwargs)
 

@@ -6,28 +6,25 @@ Travels to the Hub as remote code: relative imports only, nothing beyond torch, 
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import (
-    AutoModel,
-    AutoModelForImageClassification,
-    PreTrainedModel,
-)
+from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import (
     BaseModelOutputWithPoolingAndNoAttention,
     ImageClassifierOutputWithNoAttention,
 )
 
-from .backbones import BackboneFamily, find_classifier_linear, find_gate_targets, get_family
+from .backbones import BackboneFamily, find_gate_targets, get_family
+from .bank_export import plain_classifier_of_bank
 from .checkpointing import AdaFilterCheckpointMixin
 from .configuration_adafilter import AdaFilterConfig
 from .from_backbone import wrap_backbone
 from .gating import GateController, activate_gate_forward, deactivate_gate_forward
+from .inputs import check_labels, check_pixel_values
 from .layers import GatedLayer, apply_gated_implementation
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -257,7 +254,7 @@ class AdaFilterModel(AdaFilterPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
     ) -> AdaFilterModelOutput | tuple:
-        _check_pixel_values(pixel_values, self.config.backbone_config.num_channels)
+        check_pixel_values(pixel_values, self.config.backbone_config.num_channels)
         # As transformers' vision models do: the input takes the weights' dtype (read from a tensor, not
         # `self.dtype`, which a DataParallel replica cannot answer).
         pixel_values = pixel_values.to(self.gate_controller.heads[0].weight.dtype)
@@ -334,31 +331,11 @@ class AdaFilterForImageClassification(AdaFilterPreTrainedModel):
             f"trainable%: {100 * trainable / total:.4f}"
         )
 
-    @torch.no_grad()
     def export_bank(self, bank: str) -> PreTrainedModel:
         """A plain transformers classifier of one bank: every gated layer as its `"finetuned"` or `"pretrained"`
         filters with that bank's norm, the ungated layers and the head as they are. It computes this model with
         every gate forced to that bank, without gates, for deployment where per-example selection is not wanted."""
-        if bank not in ("finetuned", "pretrained"):
-            raise ValueError(f'export_bank takes "finetuned" or "pretrained", got {bank!r}.')
-        adafilter, state = self.adafilter, {}
-        for key, tensor in adafilter.backbone.state_dict().items():
-            owner, _, leaf = key.rpartition(".")[0].rpartition(".")
-            layer = adafilter._gated.get(owner)
-            if layer is not None and leaf.endswith(("_layer", "_norm")):
-                use_finetuned = bank == "finetuned" and (
-                    leaf.endswith("_layer") or layer.finetuned_norm is not None
-                )
-                if leaf != ("finetuned_" if use_finetuned else "base_") + leaf.rpartition("_")[2]:
-                    continue
-            state[adafilter.backbone_key(key)] = tensor.detach().clone()
-        config = copy.deepcopy(self.config.backbone_config)
-        config.id2label, config.label2id = dict(self.config.id2label), dict(self.config.label2id)
-        plain = AutoModelForImageClassification.from_config(config)
-        plain.base_model.load_state_dict(state, strict=True)
-        head = find_classifier_linear(getattr(plain, "classifier", None))
-        head.load_state_dict(self.classifier.state_dict())
-        return plain.eval()
+        return plain_classifier_of_bank(self, bank)
 
     def forward(
         self,
@@ -376,7 +353,7 @@ class AdaFilterForImageClassification(AdaFilterPreTrainedModel):
         logits = self.classifier(self.dropout(outputs.pooler_output))
         loss = None
         if labels is not None:
-            _check_labels(labels, self.config.num_labels)
+            check_labels(labels, self.config.num_labels)
             loss = self.loss_function(labels, logits, self.config)
         output = AdaFilterImageClassifierOutput(
             loss=loss,
@@ -395,31 +372,6 @@ def _channels(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     return module.in_channels, module.out_channels
-
-
-def _check_pixel_values(pixel_values: torch.Tensor | None, num_channels: int) -> None:
-    if pixel_values is None:
-        raise ValueError("AdaFilter models need `pixel_values` (batch, channels, height, width).")
-    if pixel_values.ndim != 4 or pixel_values.shape[1] != num_channels:
-        raise ValueError(
-            f"pixel_values must have shape (batch, {num_channels}, height, width), got {tuple(pixel_values.shape)}. "
-            "Convert images to RGB (e.g. `image.convert('RGB')`) and run them through the model's image processor."
-        )
-    if not pixel_values.is_floating_point():
-        raise ValueError(
-            f"pixel_values are {pixel_values.dtype}: run the images through the model's image processor, which "
-            "returns normalised floats."
-        )
-
-
-def _check_labels(labels: torch.Tensor, num_labels: int) -> None:
-    if labels.dtype in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8) and labels.numel():
-        low, high = int(labels.min()), int(labels.max())
-        if low < 0 or high >= num_labels:
-            raise ValueError(
-                f"labels must be class indices in [0, {num_labels - 1}], got values in [{low}, {high}]. "
-                "Check the label column and config.num_labels / id2label."
-            )
 
 
 __all__ = [

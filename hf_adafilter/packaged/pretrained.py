@@ -25,7 +25,7 @@ from transformers import EfficientNetConfig, EfficientNetForImageClassification
 from transformers.image_utils import PILImageResampling
 from transformers.models.efficientnet.image_processing_pil_efficientnet import EfficientNetImageProcessorPil
 
-from .backbones import get_family
+from ..modeling.backbones import get_family
 
 __all__ = [
     "PACKAGED_BACKBONES",
@@ -60,10 +60,10 @@ class PackagedBackbone:
 
 def imagenet1k_labels() -> list[str]:
     """Class names in ImageNet-1k index order (see resources/README.md for provenance)."""
-    text = resources.files("hf_adafilter").joinpath("resources/imagenet1k_labels.json").read_text("utf-8")
+    text = resources.files(__package__).joinpath("resources/imagenet1k_labels.json").read_text("utf-8")
     labels = json.loads(text)
     if len(labels) != 1000 or len(set(labels)) != 1000:
-        raise RuntimeError("hf_adafilter/resources/imagenet1k_labels.json must hold 1000 distinct names")
+        raise RuntimeError("hf_adafilter/packaged/resources/imagenet1k_labels.json must hold 1000 distinct names")
     return labels
 
 

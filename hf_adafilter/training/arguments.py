@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from .configuration_adafilter import GATE_NETWORKS, AdaFilterConfig
-from .l2sp import L2SP_ALPHA, L2SP_BETA
-from .lora import LORA_ALPHA, LORA_DROPOUT, LORA_R
+from ..baselines.l2sp import L2SP_ALPHA, L2SP_BETA
+from ..baselines.lora import LORA_ALPHA, LORA_DROPOUT, LORA_R
+from ..data.transforms import Augmentation
+from ..modeling.configuration_adafilter import GATE_NETWORKS, AdaFilterConfig
 from .regularization import GATE_REGULARIZERS
-from .transforms import Augmentation
 
 # The training methods of the pipeline (`methods.build_classifier` builds each).
 METHODS = ("adafilter", "finetune", "linear_probe", "l2sp", "lora", "bitfit")

@@ -27,10 +27,13 @@ import torch
 import transformers
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
+from ..data.images import check_images
+from ..data.loading import DataError, load_default_dataset, load_image_classification_data
+from ..data.transforms import Augmentation, build_transforms, collate_fn, resize_image_processor
+from ..hub.model_card import GATE_FRACTIONS_FILE, PLOT_FILE, PREDICTIONS_FILE
+from ..hub.plots import plot_gate_fractions
+from ..metrics import build_compute_metrics
 from .arguments import AdaFilterArguments, BaselineArguments, DataTrainingArguments, ModelArguments
-from .data import DataError, load_default_dataset, load_image_classification_data
-from .hub import GATE_FRACTIONS_FILE, PLOT_FILE, PREDICTIONS_FILE
-from .images import check_images
 from .methods import (
     TRAINING_DEFAULTS,
     apply_training_defaults,
@@ -39,10 +42,7 @@ from .methods import (
     count_parameters,
     load_image_processor,
 )
-from .metrics import build_compute_metrics
-from .plots import plot_gate_fractions
 from .resume import check_checkpoint_labels, check_output_dir, detect_checkpoint
-from .transforms import Augmentation, build_transforms, collate_fn, resize_image_processor
 
 logger = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ import types
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, PreTrainedModel
 
+from ..baselines.l2sp import L2SPPenalty
+from ..baselines.lora import apply_lora
+from ..modeling.backbone_sources import resolve_backbone
+from ..modeling.backbones import find_classifier_linear, get_family
+from ..modeling.modeling_adafilter import AdaFilterForImageClassification
 from .arguments import METHODS, AdaFilterArguments, BaselineArguments
-from .backbone_sources import resolve_backbone
-from .backbones import find_classifier_linear, get_family
-from .l2sp import L2SPPenalty
-from .lora import apply_lora
-from .modeling_adafilter import AdaFilterForImageClassification
 
 # `TrainingArguments` defaults per method for a small labelled image dataset, applied where the user sets nothing.
 # transformers' own (learning rate 5e-5, 3 epochs, batch 8, no warm-up) are made for transformer fine-tuning: with

@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import DataError
+from ..data.errors import DataError
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments

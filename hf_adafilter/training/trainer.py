@@ -15,9 +15,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from .arguments import AdaFilterArguments
-from .backbones import set_batchnorm_momentum
-from .hub import (
+from ..hub.model_card import (
     GATE_FRACTIONS_FILE,
     PLOT_FILE,
     last_eval_metrics,
@@ -25,8 +23,11 @@ from .hub import (
     render_model_card,
     training_settings,
 )
-from .modeling_adafilter import AdaFilterModel, AdaFilterPreTrainedModel
-from .regularization import filter_weighted_mean, gate_regularization
+from ..metrics.gate_statistics import filter_weighted_mean
+from ..modeling.backbones import set_batchnorm_momentum
+from ..modeling.modeling_adafilter import AdaFilterModel, AdaFilterPreTrainedModel
+from .arguments import AdaFilterArguments
+from .regularization import gate_regularization
 
 
 def _adafilter(model: nn.Module | None) -> AdaFilterModel | None:

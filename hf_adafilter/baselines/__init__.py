@@ -1,0 +1,1 @@
+"""The baselines AdaFilter is compared with that need code of their own: the L2-SP penalty and LoRA through PEFT."""

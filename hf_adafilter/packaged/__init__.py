@@ -1,0 +1,1 @@
+"""Pretrained backbones shipped in PyPI weight packages, converted offline, and the resources they need."""
