@@ -146,3 +146,34 @@ def test_a_model_saved_before_the_package_had_folders_loads_with_identical_outpu
     torch.testing.assert_close(output.logits, torch.tensor(expected["logits"]), rtol=0, atol=1e-6)
     for gates, saved in zip(output.gates, expected["gates"], strict=True):
         assert gates.tolist() == saved
+
+
+def test_a_config_with_keys_this_version_does_not_know_loads_keeps_them_and_warns_once(tmp_path):
+    """transformers keeps unknown config keys (a newer version's, another tool's, the user's own): so do we."""
+    from transformers.testing_utils import CaptureLogger
+
+    from hf_adafilter.modeling import configuration_adafilter
+
+    model = trained_looking_model()
+    model.config.dataset_name = "my-photos"  # set by the user before saving
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved.update({"finetuning_task": "image-classification", "task_specific_params": {"a": 1}, "added_later": 3})
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with CaptureLogger(configuration_adafilter.logger) as captured:
+        loaded = transformers.AutoModelForImageClassification.from_pretrained(tmp_path)
+    assert "added_later" in captured.out and "dataset_name" in captured.out
+    assert (loaded.config.dataset_name, loaded.config.added_later) == ("my-photos", 3)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_batch(2)).logits, model(pixel_batch(2)).logits, rtol=0, atol=0)
+    loaded.save_pretrained(tmp_path / "again")
+    again = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert (again["dataset_name"], again["added_later"]) == ("my-photos", 3)
+
+
+def test_a_misspelt_key_passed_in_code_to_from_pretrained_names_the_closest_field(tmp_path):
+    trained_looking_model().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"'gate_hiden_size': did you mean `gate_hidden_size`"):
+        AdaFilterForImageClassification.from_pretrained(tmp_path, gate_hiden_size=8)
+    with pytest.raises(ValueError, match=r"'gate_hiden_size': did you mean `gate_hidden_size`"):
+        transformers.AutoConfig.from_pretrained(tmp_path, gate_hiden_size=8)

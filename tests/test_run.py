@@ -384,6 +384,8 @@ def test_accelerate_launch_command_of_the_readme_uses_every_core(workspace, tmp_
                             timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"CPU threads: {len(os.sched_getaffinity(0))}" in result.stderr
+    # The defaults that replaced flags not given are logged where the user sees them.
+    assert "finetune defaults for flags not given: {'num_train_epochs': 30" in result.stderr
 
 
 def test_console_script_is_the_example_script():
@@ -410,6 +412,37 @@ def test_method_defaults_fill_only_what_the_user_did_not_set(tmp_path, method):
     *_, training_args = run_example.parse_args([str(config)])
     assert training_args.learning_rate == 0.5
     assert training_args.num_train_epochs == TRAINING_DEFAULTS[method]["num_train_epochs"]
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        ["--learning-rate", "0.05", "--num-train-epochs", "2"],
+        ["--learning_rate=0.05", "--num_train_epochs=2"],
+        ["--learning-rate=0.05", "--num_train_epochs", "2"],
+    ],
+    ids=["dashes", "equals", "mixed"],
+)
+def test_a_given_flag_wins_over_the_method_defaults_however_it_is_spelt(tmp_path, spelling):
+    *_, training_args = run_example.parse_args(["--output_dir", str(tmp_path), *spelling])
+    assert (training_args.learning_rate, training_args.num_train_epochs) == (0.05, 2)
+    assert training_args.per_device_train_batch_size == 32  # not given: the method default
+
+
+def test_flags_of_an_args_file_next_to_the_script_win_over_defaults_and_lose_to_the_command_line(
+    tmp_path, monkeypatch
+):
+    script = tmp_path / "train.py"
+    script.with_suffix(".args").write_text("--learning_rate 0.07 --num_train_epochs 4\n")
+    monkeypatch.setattr(sys, "argv", [str(script)])
+    *_, training_args = run_example.parse_args(["--output_dir", str(tmp_path), "--num_train_epochs", "5"])
+    assert (training_args.learning_rate, training_args.num_train_epochs) == (0.07, 5)
+
+
+def test_an_abbreviated_flag_is_refused_naming_it(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_example.parse_args(["--output_dir", str(tmp_path), "--learning_r", "0.05"])
+    assert "--learning_r" in capsys.readouterr().err
 
 
 def test_help_states_the_method_defaults():

@@ -12,8 +12,11 @@ from typing import Any, ClassVar
 
 from transformers import AutoConfig, GenerationConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+from transformers.utils import logging
 
 from .backbones import SUPPORTED_FAMILIES
+
+logger = logging.get_logger(__name__)
 
 GATE_NETWORKS = ("lstm", "gru", "independent")
 # How gated layers compute (layers.GATED_FORWARDS): all give the same outputs up to float rounding.
@@ -99,6 +102,27 @@ class AdaFilterConfig(PreTrainedConfig):
     folded_weights_check: str = "content"
     compact_base: dict | None = None
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
+        """A saved config may hold keys this version does not know (written by a newer version or another tool, or
+        set by a user before saving, `config.dataset_name = ...`): they are kept as attributes, as transformers
+        keeps them, so they survive the next save, with one warning naming them. Keys passed in code
+        (`AdaFilterConfig.from_pretrained(path, gate_hiden_size=8)`) are still checked, with the closest field
+        suggested; through a model's `from_pretrained` they reach the model's `__init__`, which checks them."""
+        if not kwargs.get("return_unused_kwargs"):  # with it (a model's from_pretrained), the model checks the rest
+            check_known_keys({key: value for key, value in kwargs.items() if key not in _FROM_DICT_KWARGS})
+        config_dict = dict(config_dict)
+        unknown = {key: config_dict.pop(key) for key in _unknown_keys(config_dict)}
+        if unknown:
+            logger.warning_once(
+                f"AdaFilterConfig: keeping keys this version does not use, as they were saved: {sorted(unknown)}"
+            )
+        loaded = super().from_dict(config_dict, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        for key, value in unknown.items():
+            setattr(config, key, value)
+        return loaded
+
     def __post_init__(self, **kwargs: Any) -> None:
         if kwargs.get("backbone") is not None:
             raise ValueError(
@@ -106,7 +130,7 @@ class AdaFilterConfig(PreTrainedConfig):
                 "Pass `backbone_config=`, or build from pretrained weights with "
                 "`AdaFilterForImageClassification.from_backbone(name_or_path)`."
             )
-        _check_known_keys(kwargs)
+        check_known_keys(kwargs)
         if isinstance(self.backbone_config, dict):
             if "model_type" not in self.backbone_config:
                 raise ValueError(
@@ -166,11 +190,22 @@ _HUB_KEYS = frozenset({"revision", "cache_dir", "token", "force_download", "loca
                        "trust_remote_code"})  # fmt: skip
 
 
-def _check_known_keys(kwargs: dict[str, Any]) -> None:
-    """A misspelt field (`gate_hiden_size=8`) or a download setting would otherwise become a silent attribute."""
+# What `from_pretrained` hands `from_dict` besides the user's own keyword arguments.
+_FROM_DICT_KWARGS = frozenset(
+    {"return_unused_kwargs", "_from_auto", "_from_pipeline", "dtype", "torch_dtype", "gguf_file"}
+)
+
+
+def _unknown_keys(keys: Any) -> list[str]:
     known = {f.name for f in fields(AdaFilterConfig)} | _TRANSFORMERS_KEYS
     known |= set(GenerationConfig._get_default_generation_params())  # transformers drops these itself
-    unknown = sorted(k for k in kwargs if k not in known and not k.startswith("_"))
+    return sorted(k for k in keys if k not in known and not k.startswith("_"))
+
+
+def check_known_keys(kwargs: dict[str, Any]) -> None:
+    """A misspelt field (`gate_hiden_size=8`) or a download setting passed in code would otherwise become a silent
+    attribute."""
+    unknown = _unknown_keys(kwargs)
     if not unknown:
         return
     key = unknown[0]

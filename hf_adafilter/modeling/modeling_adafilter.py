@@ -21,7 +21,7 @@ from transformers.modeling_outputs import (
 from .backbones import BackboneFamily, find_gate_targets, get_family
 from .bank_export import plain_classifier_of_bank
 from .checkpointing import AdaFilterCheckpointMixin
-from .configuration_adafilter import AdaFilterConfig
+from .configuration_adafilter import AdaFilterConfig, check_known_keys
 from .from_backbone import wrap_backbone
 from .gating import GateController, activate_gate_forward, deactivate_gate_forward
 from .inputs import check_labels, check_pixel_values
@@ -111,7 +111,9 @@ class AdaFilterPreTrainedModel(AdaFilterCheckpointMixin, PreTrainedModel):
 
 
 class AdaFilterModel(AdaFilterPreTrainedModel):
-    def __init__(self, config: AdaFilterConfig) -> None:
+    def __init__(self, config: AdaFilterConfig, **kwargs) -> None:
+        # Keyword arguments of `from_pretrained` that are not config fields arrive here: name the closest field.
+        check_known_keys(kwargs)
         super().__init__(config)
         self.backbone = AutoModel.from_config(config.backbone_config)
         self.family.prepare(self.backbone)
@@ -281,7 +283,9 @@ class AdaFilterModel(AdaFilterPreTrainedModel):
 
 
 class AdaFilterForImageClassification(AdaFilterPreTrainedModel):
-    def __init__(self, config: AdaFilterConfig) -> None:
+    def __init__(self, config: AdaFilterConfig, **kwargs) -> None:
+        # Keyword arguments of `from_pretrained` that are not config fields arrive here: name the closest field.
+        check_known_keys(kwargs)
         super().__init__(config)
         self.num_labels = config.num_labels
         self.adafilter = AdaFilterModel(config)

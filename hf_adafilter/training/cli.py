@@ -13,7 +13,6 @@ The result loads with `AutoModelForImageClassification.from_pretrained(output_di
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -25,7 +24,7 @@ import numpy as np
 import psutil
 import torch
 import transformers
-from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers import set_seed
 
 from ..data.images import check_images
 from ..data.loading import DataError, load_default_dataset, load_image_classification_data
@@ -33,10 +32,9 @@ from ..data.transforms import Augmentation, build_transforms, collate_fn, resize
 from ..hub.model_card import GATE_FRACTIONS_FILE, PLOT_FILE, PREDICTIONS_FILE
 from ..hub.plots import plot_gate_fractions
 from ..metrics import build_compute_metrics
-from .arguments import AdaFilterArguments, BaselineArguments, DataTrainingArguments, ModelArguments
+from .arguments import DataTrainingArguments, ModelArguments
+from .command_line import DEFAULT_ARGS, parse_args, parse_args_and_defaults  # noqa: F401  (the script's API)
 from .methods import (
-    TRAINING_DEFAULTS,
-    apply_training_defaults,
     build_classifier,
     build_weight_penalty,
     count_parameters,
@@ -45,85 +43,6 @@ from .methods import (
 from .resume import check_checkpoint_labels, check_output_dir, detect_checkpoint
 
 logger = logging.getLogger(__name__)
-
-# The embedded default job: what `python examples/run.py` runs with no arguments.
-DEFAULT_ARGS = [
-    "--output_dir", "outputs/fashion-mnist-adafilter",
-    "--overwrite_output_dir",
-    "--do_train", "--do_eval",
-    "--num_train_epochs", "3",
-    "--image_size", "128",
-    "--per_device_train_batch_size", "32",
-    "--per_device_eval_batch_size", "64",
-    "--learning_rate", "1e-3",
-    "--weight_decay", "0.01",
-    "--warmup_steps", "10",
-    "--eval_strategy", "epoch",
-    "--save_strategy", "epoch",
-    "--save_total_limit", "1",
-    "--logging_steps", "10",
-    "--report_to", "none",
-    "--seed", "42",
-]  # fmt: skip
-
-
-DESCRIPTION = (
-    "Fine-tune a pretrained CNN on an image-classification dataset with AdaFilter (per-example fine-tuned filters) or "
-    "a baseline (--method), through the transformers Trainer. Without arguments: the embedded default job."
-)
-
-
-class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: ...)" only where the help does not already say what the default is."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if "default" in (action.help or "").lower():
-            return action.help
-        return super()._get_help_string(action)
-
-
-def training_defaults_help() -> str:
-    per_method = "; ".join(
-        f"{method}: " + ", ".join(f"--{name} {value:g}" for name, value in defaults.items())
-        for method, defaults in TRAINING_DEFAULTS.items()
-    )
-    return (
-        "Training defaults per --method, for small labelled datasets, used where the flag is not given (they replace "
-        f"transformers' lr 5e-5 / 3 epochs / batch 8, made for transformers, not CNNs): {per_method}."
-    )
-
-
-def parse_args(argv: list[str] | None = None):
-    parser = HfArgumentParser(
-        (ModelArguments, DataTrainingArguments, AdaFilterArguments, BaselineArguments, TrainingArguments),
-        description=DESCRIPTION,
-        epilog=training_defaults_help(),
-        formatter_class=DefaultsHelpFormatter,
-    )
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        print("No arguments: running the embedded default job:\n  examples/run.py " + " ".join(DEFAULT_ARGS))
-        argv = DEFAULT_ARGS
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        parsed = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-        given = set(json.loads(Path(argv[0]).read_text()))
-    else:
-        parsed = parser.parse_args_into_dataclasses(args=argv)
-        given = {arg[2:].split("=")[0] for arg in argv if arg.startswith("--")}
-    model_args, _, adafilter_args, _, training_args = parsed
-    applied = apply_training_defaults(training_args, model_args.method, given)
-    if "dataloader_num_workers" not in given and torch.cuda.is_available():
-        # Decoding and augmenting images in the main process would starve a GPU; on a CPU the workers would take
-        # cores from the training itself, so there it stays 0.
-        training_args.dataloader_num_workers = min(4, len(os.sched_getaffinity(0)))
-    if training_args.ddp_find_unused_parameters is None:
-        # transformers searches the graph for unused parameters every DDP step for a PreTrainedModel; here every
-        # trainable parameter is used in every step, except the gate network during a gate warm-up.
-        training_args.ddp_find_unused_parameters = model_args.method == "adafilter" and adafilter_args.gate_warmup_ratio > 0
-    if applied:
-        logger.info(f"{model_args.method} defaults for flags not given: {applied}")
-    return parsed
-
 
 def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed: int):
     options = dict(
@@ -189,11 +108,14 @@ def _accelerate_launcher() -> psutil.Process | None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    model_args, data_args, adafilter_args, baseline_args, training_args = parse_args(argv)
+    parsed, applied = parse_args_and_defaults(argv)
+    model_args, data_args, adafilter_args, baseline_args, training_args = parsed
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
         level=logging.INFO if training_args.should_log else logging.WARNING,
     )
+    if applied:
+        logger.info(f"{model_args.method} defaults for flags not given: {applied}")
     threads = accelerate_default_cpu_threads()
     if threads is not None and threads > 1:
         torch.set_num_threads(threads)
