@@ -45,7 +45,10 @@ def test_json_round_trip_is_exact_for_every_family(family, tmp_path):
     ("overrides", "message"),
     [
         ({"gate_network": "rnn"}, r"gate_network must be one of 'lstm', 'gru', 'independent', got 'rnn'"),
-        ({"folded_weights_check": "none"}, r"folded_weights_check must be one of 'content', 'version', got 'none'"),
+        (
+            {"folded_weights_check": "none"},
+            r"folded_weights_check must be one of 'content', 'version', got 'none'",
+        ),
         ({"gate_hidden_size": 0}, r"gate_hidden_size must be an integer in \[1, 4096\], got 0"),
         ({"gate_input_size": 2.5}, r"gate_input_size must be an integer in \[1, 4096\], got 2.5"),
         ({"gumbel_temperature": 0}, r"gumbel_temperature must be > 0, got 0.0"),
@@ -73,4 +76,30 @@ def test_json_round_trip_is_exact_for_every_family(family, tmp_path):
 )
 def test_invalid_values_name_the_field(overrides, message):
     with pytest.raises(ValueError, match=message):
+        AdaFilterConfig(**overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"num_labels": 100_000_000}, r"num_labels 100000000 > 100000"),
+        (
+            {"backbone_config": {"model_type": "resnet", "depths": [100_000, 1]}},
+            r"depths summing to 100001 blocks",
+        ),
+        (
+            {"backbone_config": {"model_type": "resnet", "hidden_sizes": [8, 1 << 20]}},
+            r"hidden_sizes 1048576 > 16384",
+        ),
+        (
+            {"backbone_config": {"model_type": "efficientnet", "width_coefficient": 1000.0}},
+            r"width_coefficient 1000.0 > 16.0",
+        ),
+    ],
+)
+def test_absurd_sizes_are_refused_before_allocation_naming_the_override(overrides, message, monkeypatch):
+    with pytest.raises(ValueError, match=message + r".*HF_ADAFILTER_ALLOW_LARGE_CONFIGS=1"):
+        AdaFilterConfig(**overrides)
+    monkeypatch.setenv("HF_ADAFILTER_ALLOW_LARGE_CONFIGS", "1")
+    if "num_labels" not in overrides:  # building a 100M-entry id2label would itself be the allocation
         AdaFilterConfig(**overrides)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import io
 import json
 import pickle
 from pathlib import Path
@@ -232,6 +233,21 @@ def test_every_unreadable_image_is_named_before_training(tmp_path, cache):
     ):
         check_images(data, ["train"])
     check_images(data, ["validation", "test"])  # absent splits: nothing to check
+
+
+def test_a_truncated_jpeg_that_passes_verify_is_caught_by_the_full_decode(tmp_path, cache):
+    train = write_folder(tmp_path / "train")
+    photo = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+        photo, "JPEG"
+    )
+    truncated = photo.getvalue()[: len(photo.getvalue()) // 2]
+    with Image.open(io.BytesIO(truncated)) as image:
+        image.verify()  # the header-only check the scan used to make: passes
+    (train / "cat" / "half.jpg").write_bytes(truncated)
+    data = load(cache, train_dir=train, train_val_split=None)
+    with pytest.raises(DataError, match=r"1 image\(s\) cannot be read: .*half.jpg.*--skip_image_check"):
+        check_images(data, ["train"], workers=2)
 
 
 def test_class_folders_without_images_and_nested_folders_are_warned_about(tmp_path, cache, caplog):
@@ -617,3 +633,26 @@ def test_resized_processor_preprocesses_exactly_like_the_eval_transform(processo
     assert ours.shape == theirs.shape == (3, 96, 96)
     assert (ours - theirs).abs().max() < 1e-5
     assert processor.size != resized.size, "the original processor is left untouched"
+
+
+def test_a_hub_style_dataset_gets_the_class_checks_of_image_folders(tmp_path, cache):
+    """One class in train, or a class only in validation: refused, as for image folders."""
+    features = {"image": IMAGE_FEATURE, "label": {"_type": "ClassLabel", "names": ["ant", "bee", "cow"]}}
+    images = [png_bytes(seed) for seed in range(4)]
+    one_class = write_parquet_dataset(
+        tmp_path / "one", {"train": {"image": images, "label": [0, 0, 0, 0]}}, features
+    )
+    with pytest.raises(DataError, match=r"the train split of .*one holds 1 class \(\['ant'\]\)"):
+        load(cache, dataset_name=str(one_class), train_val_split=None)
+    only_in_validation = write_parquet_dataset(
+        tmp_path / "extra",
+        {
+            "train": {"image": images, "label": [0, 1, 0, 1]},
+            "validation": {"image": images[:2], "label": [2, 0]},
+        },
+        features,
+    )
+    with pytest.raises(
+        DataError, match=r"class 'cow' appears in the validation split of .*extra but has no images"
+    ):
+        load(cache, dataset_name=str(only_in_validation))

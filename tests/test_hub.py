@@ -125,6 +125,59 @@ def test_compact_refuses_a_base_with_other_weights_and_says_how_to_fix_it(tmp_pa
         AdaFilterForImageClassification.from_pretrained(tmp_path / "model")
 
 
+def test_compact_in_place_with_a_wrong_or_unreachable_base_refuses_before_touching_the_model(tmp_path):
+    model = from_saved_backbone(tmp_path / "backbone")
+    random_backbone("resnet", seed=9).save_pretrained(tmp_path / "other")  # same shapes, other weights
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    before = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(CompactBaseMismatchError, match="Nothing was written"):
+        model.save_pretrained(folder, compact=True, base_model=str(tmp_path / "other"))
+    with pytest.raises(OSError):  # a Hub id that cannot be reached (offline here)
+        model.save_pretrained(folder, compact=True, base_model="tester/not-reachable")
+    assert sorted(p.name for p in folder.iterdir()) == before
+    pixels = pixel_batch(2)
+    with torch.no_grad():
+        expected = model(pixels).logits
+        loaded = AdaFilterForImageClassification.from_pretrained(folder)
+        torch.testing.assert_close(loaded(pixels).logits, expected, rtol=0, atol=0)
+
+
+def test_a_save_that_dies_midway_leaves_the_previous_model_loadable(tmp_path, monkeypatch):
+    model = from_saved_backbone(tmp_path / "backbone")
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+
+    def dies_after_a_partial_write(self, directory, *args, **kwargs):
+        (Path(directory) / "model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt  # the process killed mid-write
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", dies_after_a_partial_write)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(folder, compact=True)
+    monkeypatch.undo()
+    assert not any(p.name.startswith(".saving-") for p in folder.iterdir())
+    pixels = pixel_batch(2)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            AdaFilterForImageClassification.from_pretrained(folder)(pixels).logits, model(pixels).logits
+        )
+
+
+def test_a_full_checkpoint_missing_a_pretrained_bank_tensor_is_refused_naming_it(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = from_saved_backbone(tmp_path / "backbone")
+    model.save_pretrained(tmp_path / "model")
+    weights = tmp_path / "model" / "model.safetensors"
+    state = load_file(weights)
+    dropped = next(key for key in sorted(model.frozen_parameter_names()) if "base_layer" in key)
+    del state[dropped]
+    save_file(state, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=re.escape(dropped)):
+        AdaFilterForImageClassification.from_pretrained(tmp_path / "model")
+
+
 def test_compact_needs_a_shareable_base(tmp_path):
     model = trained_looking(
         AdaFilterForImageClassification.from_backbone(random_backbone("resnet"), num_labels=3)
@@ -215,7 +268,7 @@ def test_model_card_metadata_and_sections(tmp_path):
     )
 
     # A later push in the other format rewrites only the checkpoint section of a training card.
-    model.save_pretrained(tmp_path / "compact", compact=True, base_model="org/resnet-tiny")
+    model.save_pretrained(tmp_path / "compact", compact=True, base_model=str(tmp_path / "backbone"))
     updated = push_model_card(model, str(tmp_path / "compact"), card, "tester/cats")
     assert "**Compact checkpoint.**" in updated.text and "**Full checkpoint.**" not in updated.text
     assert "| `accuracy` | 0.8750 |" in updated.text and "compact-checkpoint" in updated.data.tags

@@ -303,7 +303,9 @@ def test_from_backbone_refuses_unknown_keys_before_building():
 def test_input_of_another_float_dtype_is_cast_and_integer_pixels_are_refused():
     model = adafilter_from(random_backbone("resnet")).eval()
     with torch.no_grad():
-        assert model(pixel_batch().double()).logits.dtype == torch.float32  # as transformers' vision models do
+        assert (
+            model(pixel_batch().double()).logits.dtype == torch.float32
+        )  # as transformers' vision models do
     with pytest.raises(ValueError, match=r"pixel_values are torch.uint8: run the images through"):
         model(pixel_batch().to(torch.uint8))
 
@@ -415,3 +417,14 @@ def test_gradient_checkpointing_gives_the_same_loss_gradients_and_statistics(fam
             torch.testing.assert_close(actual.grad, expected.grad, rtol=1e-9, atol=1e-12, msg=name)
     for expected, actual in zip(model.buffers(), checkpointed.buffers(), strict=True):
         assert torch.equal(expected, actual)
+
+
+def test_a_backbone_path_that_does_not_exist_is_named_as_such(tmp_path):
+    with pytest.raises(
+        OSError, match=r"'/nonexistent/backbone': no such folder, and neither a packaged alias"
+    ):
+        AdaFilterForImageClassification.from_backbone("/nonexistent/backbone")
+    a_file = tmp_path / "weights.bin"
+    a_file.write_bytes(b"")
+    with pytest.raises(OSError, match=r"a file, not a folder"):
+        AdaFilterForImageClassification.from_backbone(str(a_file))

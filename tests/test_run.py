@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -199,10 +200,64 @@ def test_rerunning_a_finished_command_trains_nothing_and_keeps_the_model(workspa
     with pytest.raises(DataError, match=r"holds a finished training run.*--overwrite_output_dir"):
         run_example.main(run_args(workspace, finished, "finetune", *args))
     assert (finished / "model.safetensors").read_bytes() == before
-    at_the_end = tmp_path / "at_the_end"
+    at_the_end = tmp_path / "at_the_end"  # killed after the final save, before its results were written
     shutil.copytree(finished / "checkpoint-4", at_the_end / "checkpoint-4")
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(finished / name, at_the_end / name)
     with pytest.raises(DataError, match=r"already at step 4, which --max_steps 4 does not exceed"):
         run_example.main(run_args(workspace, at_the_end, "finetune", *args))
+
+
+def test_a_rerun_after_a_killed_final_save_names_it_and_the_intact_checkpoint(workspace, four_steps, tmp_path):
+    finished, args = four_steps
+    killed = tmp_path / "killed"
+    shutil.copytree(finished / "checkpoint-4", killed / "checkpoint-4")
+    shutil.copy(finished / "config.json", killed / "config.json")
+    weights = (finished / "model.safetensors").read_bytes()
+    (killed / "model.safetensors").write_bytes(weights[: len(weights) // 3])
+    with pytest.raises(DataError, match=r"final model .* is incomplete \(model\.safetensors: truncated") as refusal:
+        run_example.main(run_args(workspace, killed, "finetune", *args))
+    assert f"intact in {killed / 'checkpoint-4'}" in str(refusal.value)
+    for pattern in ("config.json", "*.safetensors", "preprocessor_config.json"):  # the recovery the message names
+        for path in (killed / "checkpoint-4").glob(pattern):
+            shutil.copy(path, killed / path.name)
+    recovered = transformers.AutoModelForImageClassification.from_pretrained(killed)
+    expected = transformers.AutoModelForImageClassification.from_pretrained(finished)
+    recovered_state, expected_state = recovered.state_dict(), expected.state_dict()
+    assert recovered_state.keys() == expected_state.keys()
+    assert all(torch.equal(recovered_state[key], expected_state[key]) for key in expected_state)
+
+
+def test_an_explicit_broken_checkpoint_is_refused_before_training_naming_a_complete_one(
+    workspace, four_steps, tmp_path
+):
+    finished, args = four_steps
+    run = tmp_path / "run"
+    for name in ("checkpoint-2", "checkpoint-4"):
+        shutil.copytree(finished / name, run / name)
+    (run / "checkpoint-4" / "trainer_state.json").write_text('{"global_st')
+    chosen = run / "checkpoint-4"
+    with pytest.raises(DataError, match=r"cannot be resumed from: trainer_state.json is truncated.*checkpoint-2"):
+        run_example.main(run_args(workspace, run, "finetune", *args, "--resume_from_checkpoint", str(chosen)))
+    with pytest.raises(DataError, match=r"--resume_from_checkpoint .*nowhere: no such folder"):
+        run_example.main(run_args(workspace, run, "finetune", *args, "--resume_from_checkpoint", str(run / "nowhere")))
+
+
+def test_one_output_dir_takes_one_run_at_a_time(workspace, tmp_path, caplog):
+    from hf_adafilter.training.run_lock import RUN_LOCK
+
+    output_dir = tmp_path / "locked"
+    output_dir.mkdir()
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": "2026-12-03T10:00:00+00:00"}
+    (output_dir / RUN_LOCK).write_text(json.dumps(holder))  # a live run (this very process) holds it
+    with pytest.raises(DataError, match=rf"in use by another training run \(PID {os.getpid()} on"):
+        run_example.main(run_args(workspace, output_dir, "finetune"))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (output_dir / RUN_LOCK).write_text(json.dumps({**holder, "pid": int(gone.stdout)}))  # a run that died
+    with caplog.at_level("WARNING"):
+        run_example.main(run_args(workspace, output_dir, "finetune"))
+    assert "from a run that is no longer running" in caplog.text
+    assert (output_dir / "model.safetensors").is_file() and not (output_dir / RUN_LOCK).exists()
 
 
 def test_an_output_dir_of_another_dataset_is_not_resumed(workspace, four_steps, tmp_path):

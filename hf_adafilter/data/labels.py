@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
 
 import datasets
 import numpy as np
@@ -126,25 +125,24 @@ def _check_label_range(values: np.ndarray, column: str, split: str, num_labels: 
         )
 
 
-def check_folder_classes(
-    splits: dict[str, datasets.Dataset], column: str, labels: list[str], dirs: Mapping[str, Any]
+def check_classes_learnable(
+    splits: dict[str, datasets.Dataset], column: str, labels: list[str], where: Mapping[str, str], fix: str
 ) -> None:
-    """Every class must have training images; folder names outside train would be unlearnable classes."""
+    """Every class must have training images, and there must be two: a class only outside train could never be
+    predicted, one class leaves nothing to learn. `where` names each split's source (`--train_dir data/train`,
+    `the train split of org/pets`) and `fix` says how to lay out the data."""
     train = splits.get("train")
     if train is None:
         return
     train_counts = np.bincount(_label_values(train, column), minlength=len(labels))
     present = [labels[i] for i in np.flatnonzero(train_counts)]
     if len(present) < 2:
-        raise DataError(
-            f"--train_dir {dirs['train']} holds {len(present)} class ({present}): expected one sub-folder per "
-            "class, laid out as <train_dir>/<class>/<image>"
-        )
+        raise DataError(f"{where['train']} holds {len(present)} class ({present}): {fix}")
     for split, dataset in splits.items():
         counts = np.bincount(_label_values(dataset, column), minlength=len(labels))
         missing = [labels[i] for i in np.flatnonzero((counts > 0) & (train_counts == 0))]
         if missing:
             raise DataError(
-                f"class {missing[0]!r} appears in {FOLDER_FLAGS[split]} {dirs[split]} but has no images in "
-                f"--train_dir {dirs['train']}: add <train_dir>/{missing[0]}/ images or remove that class folder"
+                f"class {missing[0]!r} appears in {where[split]} but has no images in {where['train']}: the model "
+                "could never learn it; add training images of it or remove it"
             )

@@ -20,7 +20,7 @@ from typing import Any
 import datasets
 
 from .errors import DataError
-from .labels import FOLDER_FLAGS, check_folder_classes, drop_unlabelled_test_split, unify_labels
+from .labels import FOLDER_FLAGS, check_classes_learnable, drop_unlabelled_test_split, unify_labels
 
 __all__ = [
     "DEFAULT_DATASET_DIR",
@@ -124,9 +124,13 @@ def load_image_classification_data(
     splits = drop_unlabelled_test_split(splits, label_column)
     splits, labels = unify_labels(splits, label_column)
     if from_folders:
-        check_folder_classes(
-            splits, label_column, labels, {"train": train_dir, "validation": validation_dir, "test": test_dir}
-        )
+        dirs = {"train": train_dir, "validation": validation_dir, "test": test_dir}
+        where = {split: f"{FOLDER_FLAGS[split]} {folder}" for split, folder in dirs.items()}
+        fix = "expected one sub-folder per class, laid out as <train_dir>/<class>/<image>"
+    else:
+        where = {split: f"the {split} split of {dataset_name}" for split in splits}
+        fix = f"check --label_column_name ({label_column!r} was used) and that the dataset holds several classes"
+    check_classes_learnable(splits, label_column, labels, where, fix)
     if splits.get("train") is not None and splits.get("validation") is None and train_val_split:
         splits["train"], splits["validation"] = _carve_validation(
             splits["train"], label_column, train_val_split, seed

@@ -91,6 +91,13 @@ def load_backbone(
         raise TypeError(
             f"backbone must be a model, a Hub id, a local path or an alias, got {type(backbone).__name__}."
         )
+    if backbone_kind(backbone) is None:
+        what = "a file, not a folder" if os.path.isfile(backbone) else "no such folder"
+        raise OSError(
+            f"Backbone {backbone!r}: {what}, and neither a packaged alias nor a Hub model id. Pass a folder holding "
+            "a saved transformers model (config.json and weights), a Hub id such as 'microsoft/resnet-50', or a "
+            "packaged alias such as 'efficientnet-lite0'."
+        )
     location = resolve_backbone(backbone)
     config = AutoConfig.from_pretrained(location, **hub_kwargs)
     check_config(config)

@@ -9,6 +9,7 @@ Travels to the Hub as remote code: relative imports only, nothing beyond hugging
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 
@@ -22,13 +23,15 @@ from .compact import (
     COMPACT_VARIANT,
     COMPACT_WEIGHT_PATTERNS,
     FULL_WEIGHT_PATTERNS,
+    STAGING_PREFIX,
     assemble_state_dict,
+    check_base,
     compact_save_plan,
     download_kwargs,
     load_base_state_dict,
     load_compact_state_dict,
+    publish_staged_save,
     read_marker,
-    remove_weight_files,
     saved_marker,
 )
 
@@ -68,7 +71,7 @@ class AdaFilterCheckpointMixin:
         if marker is not None:
             loaded = cls._from_compact(pretrained_model_name_or_path, marker, base_revision, *args, **kwargs)
         else:
-            loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            loaded = _load_full(super().from_pretrained, pretrained_model_name_or_path, *args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         # transformers recreates parameters with requires_grad=True on load: freezing done in __init__ is lost.
         model.freeze_pretrained_bank()
@@ -106,7 +109,8 @@ class AdaFilterCheckpointMixin:
         """transformers' `save_pretrained` (safetensors only), or with `compact=True` a compact checkpoint: only what
         training changed, in `model.compact.safetensors`, plus `config.compact_base` naming the base backbone
         (`base_model`, default `config.backbone_name_or_path`; `base_revision` for a Hub base) and the sha256 of the
-        pre-trained bank. Saving one format removes the other's weights from the folder.
+        pre-trained bank, verified against the base before anything is written. Saving one format removes the
+        other's weights from the folder. The files are written to a staging folder and moved in by atomic renames.
         """
         if self._auto_class is not None:
             self.config.auto_map = dict(AUTO_MAP)
@@ -118,19 +122,37 @@ class AdaFilterCheckpointMixin:
                     "or variant=, and the other options by keyword."
                 )
             marker, trained = compact_save_plan(self, base_model, base_revision)
+            # Before anything is written: a compact checkpoint loads only if its base is reachable and matches.
+            base_state = load_base_state_dict(save_directory, marker, load_supported_backbone, {})
+            check_base(
+                f"Cannot save a compact AdaFilter checkpoint to {str(save_directory)!r}",
+                marker,
+                self.frozen_parameter_names().values(),
+                base_state,
+                fix="Pass base_model= the backbone this model was built from (and base_revision= for a Hub base), "
+                "or save a full checkpoint (compact=False). Nothing was written.",
+            )
+            del base_state
             kwargs.update(state_dict=trained, variant=COMPACT_VARIANT)
+        is_main_process = args[0] if args else kwargs.get("is_main_process", True)
         self.config.compact_base = marker
         try:
-            result = super().save_pretrained(save_directory, *args, **kwargs)
+            if not is_main_process:
+                return super().save_pretrained(save_directory, *args, **kwargs)
+            os.makedirs(save_directory, exist_ok=True)
+            # Written in full beside the folder's files first, then moved in: a kill never leaves a half-written
+            # model where a loadable one was.
+            staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=save_directory)
+            try:
+                result = super().save_pretrained(staging, *args, **kwargs)
+                # The backbone's preprocessing travels with the model, so `pipeline(model=path)` works on any save.
+                if getattr(self, "image_processor", None) is not None:
+                    self.image_processor.save_pretrained(staging)
+                publish_staged_save(staging, save_directory)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
         finally:
             self.config.compact_base = previous
-        is_main_process = args[0] if args else kwargs.get("is_main_process", True)
-        if is_main_process:
-            stale = FULL_WEIGHT_PATTERNS if compact else COMPACT_WEIGHT_PATTERNS
-            remove_weight_files(save_directory, stale)
-            # The backbone's preprocessing travels with the model, so `pipeline(model=path)` works on any save.
-            if getattr(self, "image_processor", None) is not None:
-                self.image_processor.save_pretrained(save_directory)
         return result
 
     def push_to_hub(
@@ -184,3 +206,18 @@ class AdaFilterCheckpointMixin:
                 create_pr=create_pr,
                 delete_patterns=list(stale),
             )
+
+
+def _load_full(load: Callable, path, *args, **kwargs):
+    """transformers' `from_pretrained` of a full checkpoint, refusing one that lacks pre-trained-bank tensors:
+    transformers would initialise them randomly, and training never updates the frozen bank to repair them."""
+    wants_info = kwargs.pop("output_loading_info", False)
+    model, info = load(path, *args, output_loading_info=True, **kwargs)
+    missing = sorted(set(info["missing_keys"]) & set(model.frozen_parameter_names()))
+    if missing:
+        raise ValueError(
+            f"The AdaFilter checkpoint {str(path)!r} lacks {len(missing)} tensor(s) of its frozen pre-trained bank "
+            f"({missing[:3]}...), which would be random and which training never updates. The file is incomplete or "
+            "was written by other code: save the model again, or load an intact checkpoint."
+        )
+    return (model, info) if wants_info else model

@@ -124,13 +124,28 @@ def compact_save_plan(
     return marker, trained
 
 
-def remove_weight_files(folder: str | os.PathLike, patterns: Iterable[str]) -> None:
-    """Deletes a previous save's weights of the other format."""
-    patterns = tuple(patterns)
+def remove_weight_files(folder: str | os.PathLike, patterns: Iterable[str], keep: Iterable[str] = ()) -> None:
+    """Deletes a previous save's weight files matching `patterns`, except those named in `keep`."""
+    patterns, keep = tuple(patterns), set(keep)
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
-        if os.path.isfile(path) and any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
+        if name in keep or not os.path.isfile(path):
+            continue
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
             os.remove(path)
+
+
+STAGING_PREFIX = ".saving-"
+
+
+def publish_staged_save(staging: str | os.PathLike, folder: str | os.PathLike) -> None:
+    """Moves a complete save from `staging` into `folder`, each file by an atomic rename (weights first, config
+    last), then deletes the previous save's weight files that the new one does not have. Killed at any point, the
+    folder holds whole files, and the previous weights until the new ones are in place."""
+    names = sorted(os.listdir(staging), key=lambda name: (name == "config.json", not name.endswith(".safetensors")))
+    for name in names:
+        os.replace(os.path.join(staging, name), os.path.join(folder, name))
+    remove_weight_files(folder, (*FULL_WEIGHT_PATTERNS, *COMPACT_WEIGHT_PATTERNS), keep=names)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -216,6 +231,37 @@ def load_compact_state_dict(path: str | os.PathLike, download: dict[str, Any]) -
     return state
 
 
+def check_base(
+    refusal: str,
+    marker: dict[str, Any],
+    frozen_names: Iterable[str],
+    base_state: Mapping[str, torch.Tensor],
+    fix: str | None = None,
+) -> None:
+    """Raises `CompactBaseMismatchError` (starting with `refusal`) unless the base holds exactly the frozen tensors
+    the marker's checksum was taken over."""
+    frozen_names = sorted(set(frozen_names))
+    name, revision = marker["name_or_path"], marker.get("revision")
+    where = f"{name!r}" + (f" at revision {revision!r}" if revision else "")
+    absent = [source for source in frozen_names if source not in base_state]
+    dtype = getattr(torch, marker["dtype"]) if marker.get("dtype") else None
+    found = None if absent else tensor_digest({source: base_state[source] for source in frozen_names}, dtype)
+    if found != marker["sha256"]:
+        problem = (
+            f"has no tensors {absent[:3]}" if absent else f"has frozen weights with sha256 {found[:16]}..."
+        )
+        raise CompactBaseMismatchError(
+            f"{refusal}: it rebuilds its frozen pre-trained bank from {where}, which {problem}, not the weights it "
+            f"was trained with (sha256 {marker['sha256'][:16]}...). "
+            + (
+                fix
+                or "The base has changed since the checkpoint was saved, or is another model. Load the base it was "
+                "trained with (for a Hub base: from_pretrained(..., base_revision='<commit it was trained on>')), or "
+                "use a full checkpoint (saved or pushed with compact=False)."
+            )
+        )
+
+
 def assemble_state_dict(
     path: str | os.PathLike,
     skeleton: Any,
@@ -226,24 +272,8 @@ def assemble_state_dict(
     """The complete state dict of `skeleton`'s class: the base's frozen tensors, checked against the checksum first,
     then the trained tensors, which must be exactly the rest."""
     frozen = skeleton.frozen_parameter_names()
-    name, revision = marker["name_or_path"], marker.get("revision")
-    where = f"{name!r}" + (f" at revision {revision!r}" if revision else "")
-    absent = sorted({source for source in frozen.values() if source not in base_state})
+    check_base(f"Cannot load the compact AdaFilter checkpoint {str(path)!r}", marker, frozen.values(), base_state)
     dtype = getattr(torch, marker["dtype"]) if marker.get("dtype") else None
-    found = (
-        None if absent else tensor_digest({source: base_state[source] for source in frozen.values()}, dtype)
-    )
-    if found != marker["sha256"]:
-        problem = (
-            f"has no tensors {absent[:3]}" if absent else f"has frozen weights with sha256 {found[:16]}..."
-        )
-        raise CompactBaseMismatchError(
-            f"Cannot load the compact AdaFilter checkpoint {str(path)!r}: it rebuilds its frozen pre-trained bank "
-            f"from {where}, which {problem}, not the weights it was trained with (sha256 {marker['sha256'][:16]}...). "
-            "The base has changed since the checkpoint was saved, or is another model. Load the base it was trained "
-            "with (for a Hub base: from_pretrained(..., base_revision='<commit it was trained on>')), or use a full "
-            "checkpoint (saved or pushed with compact=False)."
-        )
     trained = load_trained()
     prefix = f"{skeleton.base_model_prefix}."
     if skeleton.base_model is skeleton and any(key.startswith(prefix) for key in trained):

@@ -6,6 +6,7 @@ Travels to the Hub as remote code: relative imports only, nothing beyond transfo
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from dataclasses import fields
 from typing import Any, ClassVar
@@ -131,6 +132,9 @@ class AdaFilterConfig(PreTrainedConfig):
                 "`AdaFilterForImageClassification.from_backbone(name_or_path)`."
             )
         check_known_keys(kwargs)
+        # Before transformers builds `id2label` for `num_labels` or the backbone config: both can be huge.
+        backbone = self.backbone_config if isinstance(self.backbone_config, dict) else {}
+        _check_sizes(kwargs.get("num_labels") or len(kwargs.get("id2label") or {}), backbone)
         if isinstance(self.backbone_config, dict):
             if "model_type" not in self.backbone_config:
                 raise ValueError(
@@ -143,6 +147,7 @@ class AdaFilterConfig(PreTrainedConfig):
 
     def _validate_adafilter_fields(self) -> None:
         _check_family(self.backbone_config.model_type)
+        _check_sizes(self.num_labels, self.backbone_config.to_dict())
         if self.gate_network not in GATE_NETWORKS:
             raise ValueError(
                 f"AdaFilterConfig.gate_network must be one of {', '.join(map(repr, GATE_NETWORKS))}, "
@@ -178,6 +183,49 @@ class AdaFilterConfig(PreTrainedConfig):
         for name in ("target_modules", "exclude_modules"):
             setattr(self, name, _regex_list(name, getattr(self, name)))
         _check_compact_base(self.compact_base)
+
+
+# Sizes refused before anything is allocated, unless ALLOW_LARGE_CONFIGS is set: a config.json with
+# `num_labels: 100000000` or `depths: [100000, 1]` would otherwise take gigabytes before anything failed.
+MAX_LABELS = 100_000
+MAX_WIDTH = 16_384  # any channel count, hidden size or embedding size of the backbone
+MAX_BLOCKS = 1_000  # blocks of the backbone (the sum of its per-stage depths)
+MAX_COEFFICIENT = 16.0  # EfficientNet's width / depth coefficients, MobileNetV2's depth multiplier
+ALLOW_LARGE_CONFIGS = "HF_ADAFILTER_ALLOW_LARGE_CONFIGS"
+_WIDTH_KEYS = ("hidden_sizes", "hidden_size", "hidden_dim", "embedding_size", "in_channels", "out_channels",
+               "groups_width", "num_channels")
+_BLOCK_KEYS = ("depths", "num_block_repeats")
+_COEFFICIENT_KEYS = ("width_coefficient", "depth_coefficient", "depth_multiplier")
+
+
+def _check_sizes(num_labels: Any, backbone: dict[str, Any]) -> None:
+    if os.environ.get(ALLOW_LARGE_CONFIGS, "") not in ("", "0"):
+        return
+    problems = []
+    if isinstance(num_labels, int) and num_labels > MAX_LABELS:
+        problems.append(f"num_labels {num_labels} > {MAX_LABELS}")
+    for key in _WIDTH_KEYS:
+        values = _ints(backbone.get(key))
+        if values and max(values) > MAX_WIDTH:
+            problems.append(f"backbone {key} {max(values)} > {MAX_WIDTH}")
+    for key in _BLOCK_KEYS:
+        values = _ints(backbone.get(key))
+        if values and sum(values) > MAX_BLOCKS:
+            problems.append(f"backbone {key} summing to {sum(values)} blocks > {MAX_BLOCKS}")
+    for key in _COEFFICIENT_KEYS:
+        value = backbone.get(key)
+        if isinstance(value, int | float) and value > MAX_COEFFICIENT:
+            problems.append(f"backbone {key} {value} > {MAX_COEFFICIENT}")
+    if problems:
+        raise ValueError(
+            f"AdaFilterConfig refuses sizes that would allocate far more memory than any CNN backbone needs: "
+            f"{'; '.join(problems)}. Fix the config.json, or set {ALLOW_LARGE_CONFIGS}=1 if the sizes are meant."
+        )
+
+
+def _ints(value: Any) -> list[int]:
+    values = value if isinstance(value, list | tuple) else [value]
+    return [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
 
 
 # Keys transformers itself writes into a config.json or passes when building a config, beyond the dataclass fields.

@@ -250,6 +250,13 @@ class DataTrainingArguments:
             "help": "Random horizontal flips in training (turn off for digits, text, left/right classes)."
         },
     )
+    skip_image_check: bool = field(
+        default=False,
+        metadata={
+            "help": "Skip decoding every image of the splits the run uses before training (for a large dataset you "
+            "vouch for): an unreadable image then stops the run when it is reached."
+        },
+    )
     evaluate_train_split: bool = field(
         default=False,
         metadata={

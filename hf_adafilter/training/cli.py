@@ -13,6 +13,7 @@ The result loads with `AutoModelForImageClassification.from_pretrained(output_di
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -24,7 +25,7 @@ import numpy as np
 import psutil
 import torch
 import transformers
-from transformers import set_seed
+from transformers import TrainingArguments, set_seed
 
 from ..data.images import check_images
 from ..data.loading import DataError, load_default_dataset, load_image_classification_data
@@ -32,7 +33,7 @@ from ..data.transforms import Augmentation, build_transforms, collate_fn, resize
 from ..hub.model_card import GATE_FRACTIONS_FILE, PLOT_FILE, PREDICTIONS_FILE
 from ..hub.plots import plot_gate_fractions
 from ..metrics import build_compute_metrics
-from .arguments import DataTrainingArguments, ModelArguments
+from .arguments import AdaFilterArguments, BaselineArguments, DataTrainingArguments, ModelArguments
 from .command_line import DEFAULT_ARGS, parse_args, parse_args_and_defaults  # noqa: F401  (the script's API)
 from .methods import (
     build_classifier,
@@ -41,6 +42,7 @@ from .methods import (
     load_image_processor,
 )
 from .resume import check_checkpoint_labels, check_output_dir, detect_checkpoint
+from .run_lock import output_dir_lock
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +128,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # with_transform builds pixel_values on the fly: the Trainer must not drop the raw columns it reads them from.
     training_args.remove_unused_columns = False
     check_output_dir(training_args.output_dir)
+    # One run per output folder: the main process holds its lock until the run has written everything.
+    lock = output_dir_lock(training_args.output_dir) if training_args.process_index == 0 else contextlib.nullcontext()
+    with lock:
+        return train_and_evaluate(model_args, data_args, adafilter_args, baseline_args, training_args)
+
+
+def train_and_evaluate(
+    model_args: ModelArguments,
+    data_args: DataTrainingArguments,
+    adafilter_args: AdaFilterArguments,
+    baseline_args: BaselineArguments,
+    training_args: TrainingArguments,
+) -> dict[str, float]:
+    """The run itself, from the rerun policy to the last saved file."""
     last_checkpoint = detect_checkpoint(training_args, model_args)
     set_seed(training_args.seed)
 
@@ -140,7 +156,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "validation": training_args.do_eval,
         "test": training_args.do_predict,
     }
-    check_images(data, [split for split, needed in used.items() if needed])
+    if not data_args.skip_image_check:
+        check_images(data, [split for split, needed in used.items() if needed])
     hub_kwargs = {
         "cache_dir": model_args.cache_dir,
         "revision": model_args.model_revision,

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..data.errors import DataError
+from ..modeling.compact import STAGING_PREFIX
+from .run_lock import RUN_LOCK
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments
@@ -24,6 +26,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
+# Entries of an output folder that are no saved result: a save's staging folder, the run lock.
+NOT_SAVED_PREFIXES = (STAGING_PREFIX, RUN_LOCK)
 TRAINER_STATE = "trainer_state.json"
 
 
@@ -90,6 +94,34 @@ def find_resumable_checkpoint(output_dir: Path) -> tuple[Path | None, dict[Path,
     return None, broken
 
 
+def final_model_problem(output_dir: Path) -> str | None:
+    """Why the model the script saves at the end of training is not loadable from `output_dir`, or None."""
+    if not (output_dir / "config.json").is_file():
+        return "missing (no config.json)"
+    weights = sorted(output_dir.glob("*.safetensors"))
+    if not weights:
+        return "missing (no *.safetensors)"
+    for path in weights:
+        if (problem := safetensors_problem(path)) is not None:
+            return f"incomplete ({path.name}: {problem})"
+    return None
+
+
+def check_chosen_checkpoint(folder: Path) -> None:
+    """`--resume_from_checkpoint` at a missing or broken checkpoint: say so before any compute, not as a traceback
+    from deep inside the Trainer."""
+    if not folder.is_dir():
+        raise DataError(f"--resume_from_checkpoint {folder}: no such folder. Pass a checkpoint-N folder of a run.")
+    problem = checkpoint_problem(folder)
+    if problem is not None:
+        newest, _ = find_resumable_checkpoint(folder.parent) if folder.parent.is_dir() else (None, {})
+        alternative = f" The newest complete one there is {newest}." if newest is not None else ""
+        raise DataError(
+            f"--resume_from_checkpoint {folder} cannot be resumed from: {problem} (a killed save?).{alternative} "
+            "Pass another checkpoint, or drop the flag to resume from the newest complete one."
+        )
+
+
 def check_output_dir(output_dir: str) -> None:
     """A file or an unwritable place fails now, not at the first save, after training."""
     path = Path(output_dir)
@@ -106,10 +138,11 @@ def detect_checkpoint(training_args: TrainingArguments, model_args: ModelArgumen
     """Resume from the newest complete checkpoint in output_dir (as HF examples do, skipping any a killed save left
     incomplete); refuse to train a finished run again or to overwrite a saved model."""
     output_dir = Path(training_args.output_dir)
+    if training_args.do_train and training_args.resume_from_checkpoint is not None:
+        check_chosen_checkpoint(Path(training_args.resume_from_checkpoint))
+        return None  # the user's choice
     if not training_args.do_train or not output_dir.is_dir() or model_args.overwrite_output_dir:
         return None
-    if training_args.resume_from_checkpoint is not None:
-        return None  # the user's choice
     fresh_start = "pass --overwrite_output_dir to train from scratch, or choose another --output_dir"
     if (output_dir / "train_results.json").is_file():
         raise DataError(
@@ -124,6 +157,13 @@ def detect_checkpoint(training_args: TrainingArguments, model_args: ModelArgumen
         )
     if checkpoint is not None:
         step = checkpoint_step(checkpoint)
+        if 0 < training_args.max_steps <= step and (problem := final_model_problem(output_dir)) is not None:
+            raise DataError(
+                f"{checkpoint} finished training (step {step}), but the final model in --output_dir {output_dir} "
+                f"is {problem}, probably from a killed save. The trained model is intact in {checkpoint}: load it "
+                f"from there, or copy its config.json, *.safetensors and preprocessor_config.json into {output_dir} "
+                f"(or pass --overwrite_output_dir to train from scratch)."
+            )
         if 0 < training_args.max_steps <= step:
             raise DataError(
                 f"{checkpoint} is already at step {step}, which --max_steps {training_args.max_steps} does not "
@@ -136,7 +176,7 @@ def detect_checkpoint(training_args: TrainingArguments, model_args: ModelArgumen
             f"--output_dir {output_dir} holds only incomplete checkpoints ({', '.join(p.name for p in broken)}): "
             f"delete them, or {fresh_start}."
         )
-    saved = [p.name for p in output_dir.iterdir()]
+    saved = [p.name for p in output_dir.iterdir() if not p.name.startswith(NOT_SAVED_PREFIXES)]
     if saved:
         raise DataError(f"--output_dir {output_dir} already holds {sorted(saved)[:4]}; {fresh_start}.")
     return None
