@@ -597,3 +597,21 @@ def test_data_loader_workers_default_to_four_on_a_gpu_and_none_on_a_cpu(workspac
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     assert workers() == 4
     assert workers("--dataloader_num_workers", "1") == 1
+
+
+def test_save_compact_writes_a_compact_final_model_and_full_checkpoints(workspace, tmp_path):
+    output_dir = tmp_path / "compact"
+    args = ("--save_compact", "--save_strategy", "steps", "--save_steps", "4")
+    run_example.main(run_args(workspace, output_dir, "adafilter", *args))
+    assert (output_dir / "model.compact.safetensors").is_file() and not (output_dir / "model.safetensors").exists()
+    assert (output_dir / "checkpoint-4" / "model.safetensors").is_file()  # resuming reads full checkpoints
+    compact = transformers.AutoModelForImageClassification.from_pretrained(output_dir).eval()
+    full = transformers.AutoModelForImageClassification.from_pretrained(output_dir / "checkpoint-4").eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(compact(pixels).logits, full(pixels).logits, rtol=0, atol=0)
+    assert (output_dir / "model.compact.safetensors").stat().st_size < (
+        output_dir / "checkpoint-4" / "model.safetensors"
+    ).stat().st_size
+    with pytest.raises(DataError, match=r"--save_compact .*--method finetune"):
+        run_example.main(run_args(workspace, tmp_path / "other", "finetune", "--save_compact"))

@@ -102,6 +102,14 @@ class AdaFilterArguments:
         },
     )
 
+    save_compact: bool = field(
+        default=False,
+        metadata={
+            "help": "Save the final model (and push it, with --push_to_hub) as a compact checkpoint: only what "
+            "training changed plus a checksummed reference to the backbone, which from_pretrained rebuilds the "
+            "frozen bank from. Trainer checkpoints stay full, so resuming is unchanged."
+        },
+    )
     evaluate_forced_gates: bool = field(
         default=False,
         metadata={

@@ -142,6 +142,11 @@ def train_and_evaluate(
     training_args: TrainingArguments,
 ) -> dict[str, float]:
     """The run itself, from the rerun policy to the last saved file."""
+    if adafilter_args.save_compact and model_args.method != "adafilter":
+        raise DataError(
+            f"--save_compact saves AdaFilter's compact format; --method {model_args.method} saves a plain model: "
+            "drop the flag."
+        )
     last_checkpoint = detect_checkpoint(training_args, model_args)
     set_seed(training_args.seed)
 

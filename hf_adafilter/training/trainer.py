@@ -6,27 +6,18 @@ through the same loop.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from ..hub.model_card import (
-    GATE_FRACTIONS_FILE,
-    PLOT_FILE,
-    last_eval_metrics,
-    processor_image_size,
-    render_model_card,
-    training_settings,
-)
 from ..metrics.gate_statistics import filter_weighted_mean
 from ..modeling.backbones import set_batchnorm_momentum
 from ..modeling.modeling_adafilter import AdaFilterModel, AdaFilterPreTrainedModel
 from .arguments import AdaFilterArguments
+from .hub_outputs import HubOutputsMixin
 from .regularization import gate_regularization
 
 
@@ -37,11 +28,6 @@ def _adafilter(model: nn.Module | None) -> AdaFilterModel | None:
     return getattr(model, "adafilter", model)
 
 
-# `trainer.push_to_hub` uploads the whole output_dir, with the Trainer's pickled TrainingArguments. Nothing loads it
-# and unpickling it would run code, so a .gitignore keeps it off the Hub (the Hub skips the files a .gitignore in the
-# commit names); training_args.json carries the same settings as plain JSON.
-HUB_IGNORED_FILES = ("training_args.bin",)
-TRAINING_ARGS_JSON = "training_args.json"
 
 
 def schedule_progress(step: int, max_steps: int) -> float:
@@ -155,7 +141,7 @@ class GateStatistics:
         return means
 
 
-class AdaFilterTrainer(Trainer):
+class AdaFilterTrainer(HubOutputsMixin, Trainer):
     """Cross-entropy plus `gate_regularization_weight * R(gates)`, a separate gate learning rate, Gumbel annealing,
     and the fine-tuned fraction (overall, per stage) in the logs; the pre-trained bank is re-frozen after any load.
     """
@@ -291,88 +277,6 @@ class AdaFilterTrainer(Trainer):
             )
         return metrics
 
-    # ------------------------------------------------------------------ Hub
-
-    def create_model_card(
-        self,
-        language: str | None = None,
-        license: str | None = None,
-        tags: str | list[str] | None = None,
-        model_name: str | None = None,
-        finetuned_from: str | None = None,
-        tasks: str | list[str] | None = None,
-        dataset_tags: str | list[str] | None = None,
-        dataset: str | list[str] | None = None,
-        dataset_args: str | list[str] | None = None,
-        image_size: int | None = None,
-    ) -> None:
-        """Writes output_dir/README.md, which `push_to_hub` uploads: the AdaFilter card (evaluation results,
-        training settings, fine-tuned fraction per layer and its plot) or, for the baselines, transformers' card.
-
-        `image_size` is the training crop when it differs from the image processor's; `dataset_tags` are Hub
-        dataset ids (the card's `datasets`), `dataset` a display name.
-        """
-        model = self.accelerator.unwrap_model(self.model)
-        if not isinstance(model, AdaFilterPreTrainedModel):
-            super().create_model_card(
-                language=language,
-                license=license,
-                tags=tags,
-                model_name=model_name,
-                finetuned_from=finetuned_from,
-                tasks=tasks,
-                dataset_tags=dataset_tags,
-                dataset=dataset,
-                dataset_args=dataset_args,
-            )
-        elif self.is_world_process_zero():
-            output_dir = Path(self.args.output_dir)
-            output_dir.mkdir(parents=True, exist_ok=True)
-            fractions = self.last_eval_gate_fractions or _read_json(output_dir / GATE_FRACTIONS_FILE)
-            image_size = image_size or processor_image_size(self.processing_class)
-            card = render_model_card(
-                model,
-                repo_id=self.hub_model_id or self.args.hub_model_id or model_name,
-                model_name=model_name,
-                base_model=finetuned_from,
-                dataset_name=dataset if isinstance(dataset, str) else ", ".join(dataset or []) or None,
-                dataset_ids=dataset_tags,
-                eval_metrics=last_eval_metrics(self.state.log_history),
-                training=training_settings(
-                    self.args,
-                    self.adafilter_args,
-                    model,
-                    self.state.global_step,
-                    image_size,
-                    mixed_precision=str(self.accelerator.mixed_precision),
-                ),
-                gate_fractions=fractions,
-                plot_file=PLOT_FILE if (output_dir / PLOT_FILE).is_file() else None,
-                tags=[tags] if isinstance(tags, str) else tags or (),
-                license=license,
-                language=language,
-            )
-            card.save(output_dir / "README.md")
-        self._write_hub_files()
-
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        # Mid-training pushes (hub_strategy) upload output_dir too: the pickle stays local there as well.
-        self._write_hub_files()
-        super()._push_from_checkpoint(checkpoint_folder)
-
-    def _write_hub_files(self) -> None:
-        """.gitignore (keeps training_args.bin off the Hub) and training_args.json, in output_dir."""
-        if not self.is_world_process_zero():
-            return
-        output_dir = Path(self.args.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        gitignore = output_dir / ".gitignore"
-        lines = gitignore.read_text().splitlines() if gitignore.is_file() else []
-        missing = [name for name in HUB_IGNORED_FILES if name not in lines]
-        if missing:
-            gitignore.write_text("".join(f"{line}\n" for line in [*lines, *missing]))
-        (output_dir / TRAINING_ARGS_JSON).write_text(self.args.to_json_string())
-
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         self._refreeze()
@@ -387,5 +291,3 @@ class AdaFilterTrainer(Trainer):
             adafilter.freeze_pretrained_bank()
 
 
-def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
