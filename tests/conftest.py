@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -124,3 +127,12 @@ def hub(hub_server: LocalHub) -> Iterator[LocalHub]:
     yield hub_server
     assert hub_server.unhandled[n_unhandled:] == [], "client used endpoints LocalHub does not implement"
     assert hub_server.errors[n_errors:] == [], "LocalHub crashed while serving"
+
+
+def load_script(path: Path, name: str):
+    """A benchmark script (not a package module) imported by file path, registered under `name`."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -8,15 +8,13 @@ statistics and counters.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
-from conftest import perturb_finetuned_bank, random_backbone
+from conftest import load_script, perturb_finetuned_bank, random_backbone
 from conftest import pixel_batch as cpu_pixel_batch
 from torch import nn
 
@@ -485,11 +483,7 @@ def test_torch_compile_traces_the_fast_paths():
 
 
 def load_speed_module():
-    spec = importlib.util.spec_from_file_location("speed_benchmark", ROOT / "benchmarks" / "speed.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "benchmarks" / "speed.py", "speed_benchmark")
 
 
 def test_speed_benchmark_runs_on_a_tiny_config():

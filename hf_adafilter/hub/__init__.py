@@ -1,20 +1,5 @@
 """What a run leaves for people: the model card, the per-layer plot, the output files and predictions with each
 image's fine-tuned fraction."""
 
-from .model_card import (
-    GATE_FRACTIONS_FILE,
-    PLOT_FILE,
-    hub_model_id,
-    push_model_card,
-    render_model_card,
-    training_settings,
-)
-
-__all__ = [
-    "GATE_FRACTIONS_FILE",
-    "PLOT_FILE",
-    "hub_model_id",
-    "push_model_card",
-    "render_model_card",
-    "training_settings",
-]
+from .model_card import *  # noqa: F403  (the public names of `model_card`)
+from .model_card import __all__  # noqa: F401

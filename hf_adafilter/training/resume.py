@@ -60,12 +60,8 @@ def checkpoint_problem(folder: Path) -> str | None:
         json.loads(state.read_text())
     except ValueError:
         return f"{TRAINER_STATE} is truncated"
-    weights = sorted(folder.glob("*.safetensors"))
-    if not weights:
-        return "no weights (*.safetensors)"
-    for path in weights:
-        if (problem := safetensors_problem(path)) is not None:
-            return f"{path.name}: {problem}"
+    if (problem := weights_problem(folder)) is not None:
+        return problem
     torch_files = sorted([*folder.glob("*.pt"), *folder.glob("*.pth")])
     for path in torch_files:  # torch.save writes a zip, its directory last: a truncated one is no zip
         if not zipfile.is_zipfile(path):
@@ -98,12 +94,18 @@ def final_model_problem(output_dir: Path) -> str | None:
     """Why the model the script saves at the end of training is not loadable from `output_dir`, or None."""
     if not (output_dir / "config.json").is_file():
         return "missing (no config.json)"
-    weights = sorted(output_dir.glob("*.safetensors"))
+    problem = weights_problem(output_dir)
+    return None if problem is None else f"incomplete ({problem})"
+
+
+def weights_problem(folder: Path) -> str | None:
+    """Why the safetensors weights of `folder` are unusable (none, or one truncated), or None."""
+    weights = sorted(folder.glob("*.safetensors"))
     if not weights:
-        return "missing (no *.safetensors)"
+        return "no weights (*.safetensors)"
     for path in weights:
         if (problem := safetensors_problem(path)) is not None:
-            return f"incomplete ({path.name}: {problem})"
+            return f"{path.name}: {problem}"
     return None
 
 
