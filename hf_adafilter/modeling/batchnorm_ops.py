@@ -58,7 +58,9 @@ def batchnorm_running_stats(norm: _BatchNorm) -> tuple[torch.Tensor | None, torc
 def fold_batchnorm(
     weight: torch.Tensor, bias: torch.Tensor | None, norm: _BatchNorm | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Weight and bias of `norm(conv(x))` as one conv (norm in eval mode: running statistics)."""
+    """Weight and bias of `norm(conv(x))` as one conv (norm in eval mode: running statistics). The arithmetic of
+    `torch.nn.utils.fusion.fuse_conv_bn_weights`, which cannot serve here: it returns new `nn.Parameter`s, which
+    `torch.compile` cannot create inside a traced forward (a graph break on every gated layer)."""
     if norm is None:
         return weight, bias
     scale = torch.rsqrt(norm.running_var + norm.eps)

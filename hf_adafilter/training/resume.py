@@ -14,6 +14,8 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from safetensors import SafetensorError, safe_open
+
 from ..data.errors import DataError
 from ..modeling.compact import STAGING_PREFIX
 from .run_lock import RUN_LOCK
@@ -32,23 +34,16 @@ TRAINER_STATE = "trainer_state.json"
 
 
 def safetensors_problem(path: Path) -> str | None:
-    """Why a safetensors file is unusable (truncated, corrupt header), or None: its header says how long it is."""
-    size = path.stat().st_size
-    with path.open("rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            return f"truncated ({size} bytes)"
-        header_size = int.from_bytes(prefix, "little")
-        if 8 + header_size > size:
-            return f"truncated header ({size} bytes)"
-        try:
-            header = json.loads(handle.read(header_size))
-        except ValueError:
-            return "corrupt header"
-    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
-    if size < 8 + header_size + end:
-        return f"truncated ({size} of {8 + header_size + end} bytes)"
-    return None
+    """Why a safetensors file is unusable, or None, as safetensors itself reads it (`safe_open` checks the header
+    and that the data covers every tensor it lists)."""
+    try:
+        with safe_open(path, "pt"):
+            return None
+    except SafetensorError as error:
+        detail = str(error)
+        if any(sign in detail for sign in ("not fully covered", "header too small", "invalid header length")):
+            return f"truncated ({path.stat().st_size} bytes)"
+        return f"corrupt ({detail})"
 
 
 def checkpoint_problem(folder: Path) -> str | None:
