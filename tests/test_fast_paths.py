@@ -502,3 +502,17 @@ def test_speed_benchmark_runs_on_a_tiny_config():
     assert "| tiny-resnet | 32 | fp32 | training step, batch 4 |" in report
     assert '| tiny-resnet | 32 | fp32 | inference, batch 1, `folded_weights_check="version"` |' in report
     assert "training peak RSS" in report and "torch " + torch.__version__ in report
+
+
+def test_each_implementation_name_is_its_own_function_looked_up_once():
+    from hf_adafilter.modeling.configuration_adafilter import GATED_IMPLEMENTATIONS
+    from hf_adafilter.modeling.layers import GATED_FORWARDS
+
+    assert tuple(GATED_FORWARDS) == GATED_IMPLEMENTATIONS
+    assert len({id(forward) for forward in GATED_FORWARDS.values()}) == len(GATED_FORWARDS)
+    layer = next(iter(perturbed_model("resnet").adafilter.gated_layers.values()))
+    layer.implementation = "merged"
+    assert layer._gated_forward is GATED_FORWARDS["merged"]
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        layer.implementation = "fast"
+    assert layer.implementation == "merged"

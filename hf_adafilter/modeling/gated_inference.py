@@ -234,3 +234,52 @@ MERGE_MAX_ELEMENTS = 1 << 21
 # Batch-1 kernels of at least this many elements are updated in place (`incremental_merged_kernel`); below it the
 # few extra small ops cost more than rewriting the kernel (measured on Lite0 and ResNet-50 layers, CPU).
 INCREMENTAL_MIN_ELEMENTS = 1 << 18
+
+
+def folding_sources(modules: Sequence[nn.Module | None]) -> list[torch.Tensor]:
+    """Every tensor a folded bank is computed from (read through the modules' dicts: this runs every call). A
+    DataParallel replica keeps its parameter copies as plain attributes, outside `_parameters`."""
+    return [
+        tensor
+        for module in modules
+        if module is not None
+        for table in (module._parameters, module._buffers, module.__dict__ if getattr(module, "_is_replica", False) else {})
+        for tensor in table.values()
+        if isinstance(tensor, torch.Tensor)
+    ]
+
+
+def current_folded_banks(
+    cached: FoldedBanks | None, op: BankOp, modules: Sequence[nn.Module | None], check_content: bool
+) -> FoldedBanks:
+    """`cached` if it still is what `modules` (finetuned layer, base layer, their norms) fold to, else a fresh
+    fold: storage and version counters always compared, and with `check_content` an exact checksum too (edits
+    through `.data` bump no version)."""
+    sources = folding_sources(modules)
+    key = tensors_key(sources)
+    digest = content_digest(sources) if check_content else None
+    if cached is not None and cached.key == key and (not check_content or _same_digest(cached.digest, digest)):
+        return cached
+    return fold_banks(op, *modules, key=key, digest=digest)
+
+
+def _same_digest(cached: torch.Tensor | None, current: torch.Tensor) -> bool:
+    return cached is not None and torch.equal(cached, current)
+
+
+# How each implementation chooses the inference kernel of a layer: "two_bank" (both banks and a select),
+# "merged" (per-example merged kernels), "auto" (the cost model, `prefer_merged`).
+INFERENCE_KERNELS = ("two_bank", "merged", "auto")
+
+
+def folded_forward(
+    op: BankOp, hidden_states: torch.Tensor, gates: torch.Tensor, folded: FoldedBanks, kernel: str
+) -> torch.Tensor:
+    """Inference from folded banks (the input already `op.prepare`d) through `kernel` of `INFERENCE_KERNELS`."""
+    merged = kernel == "merged"
+    if kernel == "auto":
+        positions = op.output_positions(hidden_states, folded.weight_finetuned.shape[2:])
+        merged = prefer_merged(op, folded.weight_finetuned, positions, hidden_states.shape[0])
+    if merged:
+        return merged_forward(op, hidden_states, gates, folded)
+    return two_bank_forward(op, hidden_states, gates, folded)

@@ -11,11 +11,20 @@ Travels to the Hub as remote code: relative imports only, nothing beyond torch.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from .bank_ops import BankOp, BankShape, accumulation_dtype, run_banks
+from .bank_ops import BankOp, BankShape, accumulation_dtype, joins_well, run_banks
+from .batchnorm_ops import (
+    _BatchNorm,
+    batchnorm_running_stats,
+    batchnorm_step,
+    batchnorms_compatible,
+    uses_batch_statistics,
+)
 
 
 @dataclass(frozen=True)
@@ -346,3 +355,46 @@ def _banks_backward(
         grad_finetuned.contiguous(), hidden_states, weight_finetuned, has_bias, (False, True, True)
     )
     return grad_input, (grad_weight_finetuned, None), (grad_bias_finetuned, None)
+
+
+def fused_layer_forward(
+    op: BankOp,
+    finetuned_layer: nn.Module,
+    base_layer: nn.Module,
+    finetuned_norm: _BatchNorm | None,
+    base_norm: _BatchNorm | None,
+    hidden_states: torch.Tensor,
+    gates: torch.Tensor,
+) -> torch.Tensor | None:
+    """A gated layer's forward with autograd through `FusedGatedBanks`: what autocast would do to each bank's conv,
+    each norm's branch and step, then the one function; None where it could not match the reference exactly
+    (norms with other settings, a bias in one bank only)."""
+    if finetuned_norm is not None and not batchnorms_compatible(finetuned_norm, base_norm):
+        return None
+    if (finetuned_layer.bias is None) != (base_layer.bias is None):
+        return None
+    hidden_states = op.prepare(base_layer, hidden_states)
+    weights = op.weight(finetuned_layer), op.weight(base_layer)
+    biases = finetuned_layer.bias, base_layer.bias
+    device_type = hidden_states.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    if autocast:
+        # What autocast does to each bank's conv: inputs, weights and biases in the lower precision.
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden_states = hidden_states.to(dtype)
+        weights = tuple(w.to(dtype) for w in weights)
+        biases = tuple(b.to(dtype) if b is not None else None for b in biases)
+    norm_spec, norm_params, running = None, (None,) * 4, ((None, None), (None, None))
+    if finetuned_norm is not None:
+        norm_spec = NormSpec(uses_batch_statistics(base_norm), batchnorm_step(base_norm), base_norm.eps)
+        batchnorm_step(finetuned_norm)
+        norm_params = finetuned_norm.weight, finetuned_norm.bias, base_norm.weight, base_norm.bias
+        running = batchnorm_running_stats(finetuned_norm), batchnorm_running_stats(base_norm)
+    spec = FusedSpec(op, norm_spec, join=joins_well(op, hidden_states, weights[0]))
+    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+        mixed = FusedGatedBanks.apply(
+            hidden_states, gates.to(weights[1].dtype), *weights, *biases, *norm_params, *running, spec
+        )
+    if base_norm is not None and finetuned_norm is None:
+        mixed = base_norm(mixed)
+    return mixed

@@ -12,25 +12,10 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from .bank_ops import BankOp, SpatialMean, bank_op, joins_well
-from .batchnorm_ops import (
-    batchnorm_running_stats,
-    batchnorm_step,
-    batchnorms_compatible,
-    is_plain_batchnorm,
-    uses_batch_statistics,
-)
-from .configuration_adafilter import GATED_IMPLEMENTATIONS
-from .gated_inference import (
-    FoldedBanks,
-    content_digest,
-    fold_banks,
-    merged_forward,
-    prefer_merged,
-    tensors_key,
-    two_bank_forward,
-)
-from .gated_training import FusedGatedBanks, FusedSpec, NormSpec
+from .bank_ops import BankOp, SpatialMean, bank_op
+from .batchnorm_ops import is_plain_batchnorm, uses_batch_statistics
+from .gated_inference import FoldedBanks, current_folded_banks, fold_banks, folded_forward
+from .gated_training import fused_layer_forward
 from .gating import GateController, active_gate_forward
 
 _UNSUPPORTED = object()
@@ -48,8 +33,7 @@ def apply_gated_implementation(module: nn.Module, name: str) -> None:
     the reference's outputs and gradients up to float rounding (tests/test_fast_paths.py). Models keep theirs in
     `config.gated_implementation` (`model.set_gated_implementation`).
     """
-    if name not in GATED_FORWARDS:
-        raise ValueError(f"implementation must be one of {tuple(GATED_FORWARDS)}, got {name!r}.")
+    _forward_of(name)  # an unknown name fails before any layer changes
     for holder in _implementation_holders(module):
         holder.implementation = (
             name if isinstance(holder, GatedLayer) else ("reference" if name == "reference" else "auto")
@@ -90,7 +74,6 @@ class GatedLayer(nn.Module):
     the reference forward whatever it says.
     """
 
-    implementation: str = "auto"
     # Set by transformers' `activation_checkpointing_enable()` (or its deprecated alias `gradient_checkpointing_enable()`).
     gradient_checkpointing: bool = False
     _folded: FoldedBanks | None = None
@@ -107,6 +90,17 @@ class GatedLayer(nn.Module):
         # Linear layers see channels-last input (ConvNeXt's pointwise convs); convs see NCHW.
         self.channels_last = isinstance(base_layer, nn.Linear)
         self.layer_index = 0  # this layer's position in the gate controller (set by the model)
+        self.implementation = "auto"
+
+    @property
+    def implementation(self) -> str:
+        """The name of this layer's forward in `GATED_FORWARDS`; setting it looks the function up once."""
+        return self._implementation
+
+    @implementation.setter
+    def implementation(self, name: str) -> None:
+        self._gated_forward = _forward_of(name)
+        self._implementation = name
 
     @property
     def in_channels(self) -> int:
@@ -145,15 +139,9 @@ class GatedLayer(nn.Module):
         return gates.view(*gates.shape, *([1] * (ndim - 2)))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        gate_forward = active_gate_forward()
-        implementation = self.implementation
-        forward = GATED_FORWARDS.get(implementation)
-        if forward is None:
-            raise ValueError(
-                f"implementation must be one of {tuple(GATED_FORWARDS)}, got {implementation!r}."
-            )
-        pooled = self.pool(hidden_states) if implementation == "reference" else self._fast_pool(hidden_states)
-        gates = gate_forward.step(self.layer_index, pooled)
+        forward = self._gated_forward
+        pooled = self.pool(hidden_states) if forward is reference_forward else self._fast_pool(hidden_states)
+        gates = active_gate_forward().step(self.layer_index, pooled)
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             # The gates are decided once, outside; only the banks, norms and mix are recomputed in backward.
             return self._gradient_checkpointing_func(_RecomputableBanks(self, forward), hidden_states, gates)
@@ -191,90 +179,27 @@ class GatedLayer(nn.Module):
             self._op = op
         return None if op is _UNSUPPORTED else op
 
-    def _fast_forward(
-        self, hidden_states: torch.Tensor, gates: torch.Tensor, implementation: str
-    ) -> torch.Tensor | None:
-        op = self._bank_op()
-        if op is None or hidden_states.shape[0] == 0:  # an empty batch: the reference modules return it empty
-            return None
+    def bank_modules(self) -> tuple[nn.Module, nn.Module, nn.Module | None, nn.Module | None]:
+        """(finetuned_layer, base_layer, finetuned_norm, base_norm), read from the module dict."""
         modules = self._modules
-        finetuned_norm, base_norm = modules.get("finetuned_norm"), modules.get("base_norm")
-        if not torch.is_grad_enabled() and not (
-            (base_norm is not None and uses_batch_statistics(base_norm))
-            or (finetuned_norm is not None and uses_batch_statistics(finetuned_norm))
-        ):
-            return self._folded_forward(op, hidden_states, gates, implementation)
-        if torch.compiler.is_compiling():
-            # The fused function's hand-written backward uses ops dynamo cannot trace (graph breaks at every
-            # layer); under torch.compile the reference formulation is traced whole and inductor fuses it itself.
-            return None
-        return self._fused_forward(op, hidden_states, gates)
+        return (
+            modules["finetuned_layer"],
+            modules["base_layer"],
+            modules.get("finetuned_norm"),
+            modules.get("base_norm"),
+        )
 
-    def _fused_forward(
-        self, op: BankOp, hidden_states: torch.Tensor, gates: torch.Tensor
-    ) -> torch.Tensor | None:
-        """Training (and inference with autograd): both banks, their norms and the mix in one autograd function."""
-        finetuned_norm, base_norm = self.finetuned_norm, self.base_norm
-        if finetuned_norm is not None and not batchnorms_compatible(finetuned_norm, base_norm):
-            return None
-        if (self.finetuned_layer.bias is None) != (self.base_layer.bias is None):
-            return None
-        hidden_states = op.prepare(self.base_layer, hidden_states)
-        weights = op.weight(self.finetuned_layer), op.weight(self.base_layer)
-        biases = self.finetuned_layer.bias, self.base_layer.bias
-        device_type = hidden_states.device.type
-        autocast = torch.is_autocast_enabled(device_type)
-        if autocast:
-            # What autocast does to each bank's conv: inputs, weights and biases in the lower precision.
-            dtype = torch.get_autocast_dtype(device_type)
-            hidden_states = hidden_states.to(dtype)
-            weights = tuple(w.to(dtype) for w in weights)
-            biases = tuple(b.to(dtype) if b is not None else None for b in biases)
-        norm_spec, norm_params, running = None, (None,) * 4, ((None, None), (None, None))
-        if finetuned_norm is not None:
-            norm_spec = NormSpec(uses_batch_statistics(base_norm), batchnorm_step(base_norm), base_norm.eps)
-            batchnorm_step(finetuned_norm)
-            norm_params = finetuned_norm.weight, finetuned_norm.bias, base_norm.weight, base_norm.bias
-            running = batchnorm_running_stats(finetuned_norm), batchnorm_running_stats(base_norm)
-        spec = FusedSpec(op, norm_spec, join=joins_well(op, hidden_states, weights[0]))
-        with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
-            mixed = FusedGatedBanks.apply(
-                hidden_states, gates.to(weights[1].dtype), *weights, *biases, *norm_params, *running, spec
-            )
-        if base_norm is not None and finetuned_norm is None:
-            mixed = base_norm(mixed)
-        return mixed
-
-    def _folded_forward(
-        self, op: BankOp, hidden_states: torch.Tensor, gates: torch.Tensor, implementation: str
-    ) -> torch.Tensor:
-        """Inference: banks with folded norms, as per-example merged kernels or both banks and a select."""
-        folded = self._folded_banks(op)
-        hidden_states = op.prepare(self._modules["base_layer"], hidden_states)
-        merged = implementation == "merged"
-        if implementation == "auto":
-            positions = op.output_positions(hidden_states, folded.weight_finetuned.shape[2:])
-            merged = prefer_merged(op, folded.weight_finetuned, positions, hidden_states.shape[0])
-        if merged:
-            return merged_forward(op, hidden_states, gates, folded)
-        return two_bank_forward(op, hidden_states, gates, folded)
-
-    def _folded_banks(self, op: BankOp) -> FoldedBanks:
-        named = self._modules
-        finetuned_norm, base_norm = named.get("finetuned_norm"), named.get("base_norm")
-        # Without gated norm the shared norm follows the mix; it folds into both banks alike.
+    def _current_folded(self, op: BankOp) -> FoldedBanks:
+        """Both banks with their eval-mode norms folded in, cached between calls while they stay current. Without
+        gated norm the shared norm follows the mix; it folds into both banks alike."""
+        finetuned, base, finetuned_norm, base_norm = self.bank_modules()
         norms = (finetuned_norm, base_norm) if finetuned_norm is not None else (base_norm, base_norm)
-        modules = (named["finetuned_layer"], named["base_layer"], *norms)
+        modules = (finetuned, base, *norms)
         if torch.compiler.is_compiling():
             return fold_banks(op, *modules)
-        sources = _folding_sources(modules)
-        key = tensors_key(sources)
         check_content = active_gate_forward().folded_weights_check == "content"
-        digest = content_digest(sources) if check_content else None
-        folded = self._folded
-        if folded is None or folded.key != key or (check_content and not _same_digest(folded.digest, digest)):
-            folded = self._folded = fold_banks(op, *modules, key=key, digest=digest)
-        return folded
+        self._folded = current_folded_banks(self._folded, op, modules, check_content)
+        return self._folded
 
     def train(self, mode: bool = True) -> GatedLayer:
         if mode:
@@ -317,35 +242,57 @@ class _RecomputableBanks:
                     buffer.copy_(value)
 
 
-def _same_digest(cached: torch.Tensor | None, current: torch.Tensor) -> bool:
-    return cached is not None and torch.equal(cached, current)
+def reference_forward(layer: GatedLayer, hidden_states: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """"reference": the definition, module by module."""
+    return layer._reference_forward(hidden_states, gates)
 
 
-def _folding_sources(modules: tuple[nn.Module | None, ...]) -> list[torch.Tensor]:
-    """Every tensor a folded bank is computed from (read through the modules' dicts: this runs every call). A
-    DataParallel replica keeps its parameter copies as plain attributes, outside `_parameters`."""
-    return [
-        tensor
-        for module in modules
-        if module is not None
-        for table in (module._parameters, module._buffers, module.__dict__ if getattr(module, "_is_replica", False) else {})
-        for tensor in table.values()
-        if isinstance(tensor, torch.Tensor)
-    ]
+def _fast_forward(layer: GatedLayer, hidden_states: torch.Tensor, gates: torch.Tensor, kernel: str) -> torch.Tensor:
+    """With autograd: both banks, norms and mix in one function (`gated_training`); without (norms in eval mode):
+    the folded banks through inference `kernel` (`gated_inference`); the reference wherever neither is exact."""
+    op = layer._bank_op()
+    if op is not None and hidden_states.shape[0] > 0:  # an empty batch: the reference modules return it empty
+        modules = layer.bank_modules()
+        norms = [norm for norm in modules[2:] if norm is not None]
+        if not torch.is_grad_enabled() and not any(uses_batch_statistics(norm) for norm in norms):
+            folded = layer._current_folded(op)
+            return folded_forward(op, op.prepare(modules[1], hidden_states), gates, folded, kernel)
+        # Under torch.compile the fused function's hand-written backward would break the graph at every layer: the
+        # reference formulation is traced whole instead, and inductor fuses it itself.
+        if not torch.compiler.is_compiling():
+            mixed = fused_layer_forward(op, *modules, hidden_states, gates)
+            if mixed is not None:
+                return mixed
+    return layer._reference_forward(hidden_states, gates)
 
 
-def _fast_or_reference(
-    implementation: str,
-) -> Callable[[GatedLayer, torch.Tensor, torch.Tensor], torch.Tensor]:
-    def forward(layer: GatedLayer, hidden_states: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        mixed = layer._fast_forward(hidden_states, gates, implementation)
-        return layer._reference_forward(hidden_states, gates) if mixed is None else mixed
-
-    return forward
+def fused_forward(layer: GatedLayer, hidden_states: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """"fused": the fused training function; in inference both folded banks and a select."""
+    return _fast_forward(layer, hidden_states, gates, "two_bank")
 
 
-# The implementations of a gated layer's forward, by name: each maps (layer, input, gates) to the mixed output.
+def merged_forward(layer: GatedLayer, hidden_states: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """"merged": the fused training function; in inference per-example merged kernels, one conv per layer."""
+    return _fast_forward(layer, hidden_states, gates, "merged")
+
+
+def auto_forward(layer: GatedLayer, hidden_states: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """"auto" (the default): the fused training function; in inference merged or two-bank by the cost model."""
+    return _fast_forward(layer, hidden_states, gates, "auto")
+
+
+# The implementations of a gated layer's forward, by name (`config.gated_implementation`); each maps
+# (layer, input, gates) to the mixed output, and all give the reference's up to float rounding.
 GATED_FORWARDS: dict[str, Callable[[GatedLayer, torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "reference": lambda layer, hidden_states, gates: layer._reference_forward(hidden_states, gates),
-    **{name: _fast_or_reference(name) for name in GATED_IMPLEMENTATIONS if name != "reference"},
+    "reference": reference_forward,
+    "fused": fused_forward,
+    "merged": merged_forward,
+    "auto": auto_forward,
 }
+
+
+def _forward_of(name: str) -> Callable[[GatedLayer, torch.Tensor, torch.Tensor], torch.Tensor]:
+    forward = GATED_FORWARDS.get(name)
+    if forward is None:
+        raise ValueError(f"implementation must be one of {tuple(GATED_FORWARDS)}, got {name!r}.")
+    return forward
