@@ -60,6 +60,7 @@ REMOTE_CODE_FILES = (
     "gated_inference.py",
     "bank_export.py",
     "inputs.py",
+    "family_names.py",
 )
 
 

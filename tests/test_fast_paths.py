@@ -20,6 +20,7 @@ from torch import nn
 
 from hf_adafilter import AdaFilterConfig, AdaFilterForImageClassification
 from hf_adafilter.modeling import gated_inference
+from hf_adafilter.modeling.backbones import weight_standardization_eps
 from hf_adafilter.modeling.bank_ops import BankOp, bank_op, depthwise_weight_grad, joins_well
 from hf_adafilter.modeling.gated_inference import prefer_merged
 from hf_adafilter.modeling.gating import GateController, gate_forward
@@ -273,7 +274,8 @@ class CustomForwardConv(nn.Conv2d):
 
 
 def standalone_layer(conv: nn.Module, norm: nn.Module | None = None) -> GatedLayer:
-    layer = GatedLayer(conv, norm)
+    # As the model builds it: the family's rule says whether the conv standardises its weights.
+    layer = GatedLayer(conv, norm, weight_standardization_eps=weight_standardization_eps(conv))
     with torch.no_grad():
         layer.finetuned_layer.weight.mul_(1.2)
     # A layer outside a model: its gates come from a controller of its own, run in a `gate_forward` block.
@@ -323,7 +325,7 @@ def test_conv_variants_match_reference(conv):
     scale = max(reference.abs().max().item() for reference in references)
     for reference, fast in zip(references, layer_outputs(layer, "auto", pixels), strict=True):
         assert_close(fast, reference, FP64_TOLERANCE, type(conv).__name__, scale)
-    assert (bank_op(conv) is None) == isinstance(conv, CustomForwardConv)
+    assert (layer._bank_op() is None) == isinstance(conv, CustomForwardConv)
 
 
 def test_channels_last_input_is_handled():

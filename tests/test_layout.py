@@ -116,6 +116,40 @@ def test_the_checks_see_upward_imports_and_cycles():
     assert find_cycle({"a.x": {"a.y"}, "a.y": set()}) is None
 
 
+KERNELS = {
+    f"hf_adafilter.modeling.{name}"
+    for name in ("bank_ops", "batchnorm_ops", "gated_training", "gated_inference")
+}
+
+
+def test_kernels_import_nothing_of_families_or_hub_loading():
+    graph = import_graph()
+    for kernel in KERNELS:
+        assert graph[kernel] <= KERNELS, f"{kernel} imports {sorted(graph[kernel] - KERNELS)}"
+
+
+def imports_torch(module: str) -> bool:
+    path = PACKAGE.parent / (module.replace(".", "/") + ".py")
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return "torch" in names
+
+
+def test_the_config_imports_no_torch_through_the_package():
+    graph, seen, todo = import_graph(), set(), ["hf_adafilter.modeling.configuration_adafilter"]
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo += graph[module]
+    assert not [module for module in sorted(seen) if imports_torch(module)]
+
+
 def test_no_module_is_over_the_size_limit():
     long = {
         str(path.relative_to(REPO)): lines

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .backbone_sources import load_backbone
+from .family_names import SUPPORTED_FAMILIES
 
 
 @dataclass(frozen=True)
@@ -195,11 +196,13 @@ FAMILIES: dict[str, BackboneFamily] = {
         ),
     )
 }
-SUPPORTED_FAMILIES: tuple[str, ...] = tuple(FAMILIES)
+if tuple(FAMILIES) != SUPPORTED_FAMILIES:
+    raise ImportError(f"backbones.FAMILIES {tuple(FAMILIES)} and family_names.SUPPORTED_FAMILIES disagree")
 
 
 def weight_standardization_eps(module: nn.Module) -> float | None:
-    """The `eps` of a family's weight-standardised conv, None for any other module."""
+    """The `eps` of a family's weight-standardised conv, None for any other module: what the model hands each
+    gated layer when it builds it (the kernels know no families)."""
     name = type(module).__name__
     if any(name in family.weight_standardized_convs for family in FAMILIES.values()):
         return float(module.eps)

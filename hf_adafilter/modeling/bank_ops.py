@@ -13,8 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import weight_standardization_eps
-
 
 @dataclass(frozen=True)
 class BankOp:
@@ -149,13 +147,13 @@ def _explicit_conv_padding(conv: nn.Conv2d) -> tuple[tuple[int, ...], tuple[int,
     return (0, 0), tuple(input_pad), "constant"
 
 
-def bank_op(module: nn.Module) -> BankOp | None:
-    """The functional form of a bank, or None where its forward is something the fast paths do not replicate."""
+def bank_op(module: nn.Module, standardize_eps: float | None = None) -> BankOp | None:
+    """The functional form of a bank, or None where its forward is something the fast paths do not replicate.
+    `standardize_eps`: the module is its family's weight-standardised conv, with this epsilon."""
     if isinstance(module, nn.Linear):
         return BankOp(linear=True) if type(module).forward is nn.Linear.forward else None
     if not isinstance(module, nn.Conv2d) or len(module.kernel_size) != 2:
         return None
-    standardize_eps = weight_standardization_eps(module)
     plain = (
         type(module).forward is nn.Conv2d.forward and type(module)._conv_forward is nn.Conv2d._conv_forward
     )

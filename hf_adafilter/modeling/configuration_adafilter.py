@@ -15,7 +15,7 @@ from transformers import AutoConfig, GenerationConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import logging
 
-from .backbones import SUPPORTED_FAMILIES
+from .family_names import SUPPORTED_FAMILIES
 
 logger = logging.get_logger(__name__)
 

@@ -80,7 +80,11 @@ class GatedLayer(nn.Module):
     _op: object = None
 
     def __init__(
-        self, base_layer: nn.Module, norm: nn.BatchNorm2d | None = None, gated_norm: bool = True
+        self,
+        base_layer: nn.Module,
+        norm: nn.BatchNorm2d | None = None,
+        gated_norm: bool = True,
+        weight_standardization_eps: float | None = None,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -90,6 +94,8 @@ class GatedLayer(nn.Module):
         # Linear layers see channels-last input (ConvNeXt's pointwise convs); convs see NCHW.
         self.channels_last = isinstance(base_layer, nn.Linear)
         self.layer_index = 0  # this layer's position in the gate controller (set by the model)
+        # Set where the family's conv standardises its weights (BiT): the fast paths then do the same.
+        self.weight_standardization_eps = weight_standardization_eps
         self.implementation = "auto"
 
     @property
@@ -169,7 +175,7 @@ class GatedLayer(nn.Module):
         op = self._op
         if op is None:
             modules = self._modules
-            op = bank_op(modules["base_layer"])
+            op = bank_op(modules["base_layer"], self.weight_standardization_eps)
             same_type = type(modules["finetuned_layer"]) is type(modules["base_layer"])
             norms = [
                 modules.get(name) for name in ("finetuned_norm", "base_norm") if modules.get(name) is not None

@@ -18,7 +18,7 @@ from transformers.modeling_outputs import (
     ImageClassifierOutputWithNoAttention,
 )
 
-from .backbones import BackboneFamily, find_gate_targets, get_family
+from .backbones import BackboneFamily, find_gate_targets, get_family, weight_standardization_eps
 from .bank_export import plain_classifier_of_bank
 from .checkpointing import AdaFilterCheckpointMixin
 from .configuration_adafilter import AdaFilterConfig, check_known_keys
@@ -131,7 +131,12 @@ class AdaFilterModel(AdaFilterPreTrainedModel):
         self._source_modules: dict[str, str] = {}
         for index, target in enumerate(targets):
             norm = getattr(target.parent, target.norm_name) if target.norm_name else None
-            layer = GatedLayer(target.module, norm, gated_norm=config.gated_norm)
+            layer = GatedLayer(
+                target.module,
+                norm,
+                gated_norm=config.gated_norm,
+                weight_standardization_eps=weight_standardization_eps(target.module),
+            )
             layer.layer_index = index
             setattr(target.parent, target.attribute, layer)
             self._source_modules[f"{target.name}.base_layer"] = target.name
