@@ -183,6 +183,23 @@ def test_gate_network_gets_its_own_learning_rate(tmp_path):
     assert seen == trainable, "every trainable parameter, and no frozen one, is optimised"
 
 
+def test_the_optimizer_comes_from_the_trainers_own_machinery_with_the_gate_groups(tmp_path):
+    """`--optim` (here SGD) still chooses the optimizer; only its groups are split for the gate learning rate."""
+    model = tiny_model()
+    trainer = AdaFilterTrainer(
+        model=model,
+        args=training_args(tmp_path, learning_rate=1e-3, optim="sgd"),
+        train_dataset=colour_dataset(),
+        adafilter_args=AdaFilterArguments(gate_learning_rate=5e-2),
+    )
+    optimizer = trainer.create_optimizer()
+    assert type(optimizer) is torch.optim.SGD
+    gate_ids = {id(p) for p in model.gate_parameters()}
+    rates = {group["lr"] for group in optimizer.param_groups if {id(p) for p in group["params"]} <= gate_ids}
+    assert rates == {5e-2}
+    assert trainer.create_optimizer() is optimizer  # built once
+
+
 def test_logs_report_the_finetuned_fraction_overall_and_per_stage(tmp_path):
     model = tiny_model()
     dataset = colour_dataset()

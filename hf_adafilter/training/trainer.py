@@ -6,6 +6,7 @@ through the same loop.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -19,6 +20,8 @@ from ..modeling.modeling_adafilter import AdaFilterModel, AdaFilterPreTrainedMod
 from .arguments import AdaFilterArguments
 from .hub_outputs import HubOutputsMixin
 from .regularization import gate_regularization
+
+logger = logging.getLogger(__name__)
 
 
 def _adafilter(model: nn.Module | None) -> AdaFilterModel | None:
@@ -187,24 +190,42 @@ class AdaFilterTrainer(HubOutputsMixin, Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model=None):
-        """Like the Trainer's, with the gate network in groups of its own learning rate, and no weight decay on
-        what the weight penalty covers."""
+        """The Trainer's optimizer (its `--optim` choices, optimizer factories, 8-bit optimizers, `optimizers=`),
+        with its parameter groups split once more: the gate network at its own learning rate, no weight decay on what
+        the weight penalty covers. An optimizer the user passed, or one built over something else than this model's
+        trainable parameters (GaLore, layer-wise), is left as it is."""
         opt_model = self.model if model is None else model
         adafilter = _adafilter(opt_model)
         gate_lr = self.adafilter_args.gate_learning_rate if adafilter is not None else None
-        if self.optimizer is not None or (gate_lr is None and self.weight_penalty is None):
-            return super().create_optimizer(model)
+        given = self.optimizer is not None
+        optimizer = super().create_optimizer(model)
+        if given or (gate_lr is None and self.weight_penalty is None):
+            return optimizer
+        trainable = [p for p in opt_model.parameters() if p.requires_grad]
+        grouped = [p for group in optimizer.param_groups for p in group["params"]]
+        if not isinstance(optimizer, torch.optim.Optimizer) or {id(p) for p in grouped} != {id(p) for p in trainable}:
+            logger.warning(
+                f"{type(optimizer).__name__} does not optimise this model's parameters in plain groups: the gate "
+                "learning rate and the weight penalty's decay exemption are not applied to it."
+            )
+            return optimizer
+        optimizer.param_groups.clear()
+        for group in self._parameter_groups(opt_model, adafilter, gate_lr):
+            optimizer.add_param_group(group)
+        return optimizer
+
+    def _parameter_groups(self, model: nn.Module, adafilter: AdaFilterModel | None, gate_lr: float | None) -> list:
         gate_ids = {id(p) for p in adafilter.gate_parameters()} if gate_lr is not None else set()
         penalised = (
             {id(p) for p in self.weight_penalty.parameters()} if self.weight_penalty is not None else set()
         )
-        decay = set(self.get_decay_parameter_names(opt_model))
+        decay = set(self.get_decay_parameter_names(model))
         groups: dict[tuple[bool, bool], list[nn.Parameter]] = defaultdict(list)
-        for name, parameter in opt_model.named_parameters():
+        for name, parameter in model.named_parameters():
             if parameter.requires_grad:
                 decays = name in decay and id(parameter) not in penalised
                 groups[(id(parameter) in gate_ids, decays)].append(parameter)
-        param_groups = [
+        return [
             {
                 "params": params,
                 "weight_decay": self.args.weight_decay if decays else 0.0,
@@ -212,12 +233,6 @@ class AdaFilterTrainer(HubOutputsMixin, Trainer):
             }
             for (is_gate, decays), params in groups.items()
         ]
-        if self.optimizer_cls_and_kwargs is not None:
-            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
-        else:
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
-        return self.optimizer
 
     def _gate_logs(self, split: str, prefix: str = "") -> dict[str, float]:
         stats = self._gate_stats[split].pop()
