@@ -353,6 +353,51 @@ def test_export_bank_is_the_model_with_every_gate_forced_to_that_bank(family):
         model.export_bank("both")
 
 
+def test_export_static_fixes_each_filter_to_its_majority_bank(family):
+    model = adafilter_from(random_backbone(family))
+    perturb_finetuned_bank(model)
+    model.eval()
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for head in model.adafilter.gate_controller.heads:  # example-independent, mixed decisions
+            head.weight.zero_()
+            head.bias.copy_(torch.randint(0, 2, head.bias.shape, generator=generator).float() * 8 - 4)
+    pixels = pixel_batch()
+    static = model.export_static([pixels[:2], pixels[2:]])
+    assert type(static).__module__.startswith("transformers.models.")
+    record = static.config.adafilter_static
+    assert record["calibration_images"] == 4 and record["agreement"] == 1.0
+    with torch.no_grad():
+        expected = model(pixels)
+        torch.testing.assert_close(static(pixels).logits, expected.logits, rtol=1e-4, atol=1e-5)
+    for name, gates in zip(model.gated_layer_names, expected.gates, strict=True):
+        assert record["layers"][name]["filters"] == "".join(str(int(g)) for g in gates[0].tolist())
+
+
+def test_export_static_records_how_often_the_calibration_decisions_agree(tmp_path):
+    model = adafilter_from(random_backbone("resnet"))
+    perturb_finetuned_bank(model)
+    with torch.no_grad():
+        for head in model.adafilter.gate_controller.heads:
+            head.weight.normal_(0, 2.0)  # decisions that differ between images
+    model.eval()
+    pixels = pixel_batch(8, seed=3)
+    with torch.no_grad():
+        gates = model(pixels).gates
+    static = model.export_static(pixels)
+    record = static.config.adafilter_static
+    name, layer_gates = model.gated_layer_names[-1], gates[-1]
+    share = layer_gates.mean(0)
+    assert record["layers"][name]["filters"] == "".join("1" if s >= 0.5 else "0" for s in share.tolist())
+    assert record["layers"][name]["agreement"] == pytest.approx(float(torch.maximum(share, 1 - share).mean()))
+    assert 0.5 <= record["agreement"] < 1.0
+    static.save_pretrained(tmp_path)  # the record travels with the saved config
+    reloaded = transformers.AutoModelForImageClassification.from_pretrained(tmp_path)
+    assert reloaded.config.adafilter_static == record
+    with pytest.raises(ValueError, match="calibration images"):
+        model.export_static([])
+
+
 def test_print_trainable_parameters_shows_the_gate_network_apart(capsys):
     model = adafilter_from(random_backbone("resnet"))
     model.print_trainable_parameters()

@@ -6,7 +6,7 @@ Travels to the Hub as remote code: relative imports only, nothing beyond torch, 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +19,7 @@ from transformers.modeling_outputs import (
 )
 
 from .backbones import BackboneFamily, find_gate_targets, get_family, weight_standardization_eps
-from .bank_export import plain_classifier_of_bank
+from .bank_export import plain_classifier_of_bank, static_classifier
 from .checkpointing import AdaFilterCheckpointMixin
 from .configuration_adafilter import AdaFilterConfig, check_known_keys
 from .from_backbone import wrap_backbone
@@ -345,6 +345,13 @@ class AdaFilterForImageClassification(AdaFilterPreTrainedModel):
         filters with that bank's norm, the ungated layers and the head as they are. It computes this model with
         every gate forced to that bank, without gates, for deployment where per-example selection is not wanted."""
         return plain_classifier_of_bank(self, bank)
+
+    def export_static(self, calibration: torch.Tensor | Iterable[torch.Tensor]) -> PreTrainedModel:
+        """A plain transformers classifier (no gate network, the plain backbone's cost) whose every filter is fixed
+        to the bank most of its decisions chose on `calibration` (`pixel_values`, or an iterable of batches, from
+        the model's image processor). Its `config.adafilter_static` records each filter's choice and how often
+        the calibration decisions agreed with it; it computes this model exactly wherever they all agreed."""
+        return static_classifier(self, calibration)
 
     def forward(
         self,
