@@ -518,3 +518,53 @@ def test_each_implementation_name_is_its_own_function_looked_up_once():
     with pytest.raises(ValueError, match="implementation must be one of"):
         layer.implementation = "fast"
     assert layer.implementation == "merged"
+
+
+def agreement_patterns(batch: int, filters: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(2)
+    column = torch.randint(0, 2, (filters,), generator=generator).double()
+    alternating = (torch.arange(batch)[:, None] + torch.arange(filters)[None, :]) % 2
+    mix = column.expand(batch, filters).clone()
+    mix[0, ::3] = 1 - mix[0, ::3]  # a third of the filters disagree
+    return {"all agree": column.expand(batch, filters), "none agree": alternating.double(), "mix": mix}
+
+
+def test_agreement_split_equals_both_banks_and_a_select(family):
+    """Per gated layer of every family: the split gives what both banks and a select give, for batches where every
+    filter agrees, none does, and a mix."""
+    from hf_adafilter.modeling.gated_inference import agreement_split_forward, two_bank_forward
+
+    model = perturbed_model(family).eval()
+    checked = 0
+    for layer in model.adafilter.gated_layers.values():
+        op = layer._bank_op()
+        if op is None or op.groups != 1:
+            continue
+        with torch.no_grad(), gate_forward(model.adafilter.gate_controller):
+            folded = layer._current_folded(op)
+        shape = (3, layer.in_channels, 6, 6) if not op.linear else (3, 5, 5, layer.in_channels)
+        pixels = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+        pixels = op.prepare(layer.base_layer, pixels)
+        for name, gates in agreement_patterns(3, layer.out_channels).items():
+            gates = gates.to(DEVICE)
+            split = agreement_split_forward(op, pixels, gates, folded)
+            expected = two_bank_forward(op, pixels, gates, folded)
+            assert_close(split, expected, FP64_TOLERANCE, f"{family} {name}")
+        checked += 1
+    assert checked
+
+
+def test_auto_inference_splits_a_batch_that_agrees_and_matches_the_reference(family):
+    model = perturbed_model(family).eval()
+    generator = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for head in model.adafilter.gate_controller.heads:  # every example decides alike: the split runs
+            head.weight.zero_()
+            head.bias.copy_(torch.randint(0, 2, head.bias.shape, generator=generator).double() * 8 - 4)
+    pixels = pixel_batch().double()
+    with torch.no_grad():
+        with gated_implementation(model, "reference"):
+            reference = model(pixels)
+        fast = model(pixels)
+    assert_close(fast.logits, reference.logits, FP64_TOLERANCE, "logits")
+    assert all(torch.equal(a, b) for a, b in zip(reference.gates, fast.gates, strict=True))

@@ -204,6 +204,59 @@ def two_bank_forward(
     return torch.lerp(out_pretrained, out_finetuned, shape.per_example(gates.to(out_finetuned.dtype)))
 
 
+def agreement_split_forward(
+    op: BankOp, hidden_states: torch.Tensor, gates: torch.Tensor, folded: FoldedBanks
+) -> torch.Tensor | None:
+    """Filters on which every example of the batch makes the same 0/1 decision run once, as one conv with each
+    filter's chosen bank; only the filters that differ run both banks, mixed per example and written into their
+    channels. Cost ~ (1 + 2 x disagreeing share) of the plain layer, plus writing the chosen kernel. None where it
+    does not apply (grouped convs, gates between 0 and 1)."""
+    if op.groups != 1 or not bool(((gates == 0) | (gates == 1)).all()):
+        return None
+    on = gates.to(torch.bool)
+    disagreeing = (on.any(0) & ~on.all(0)).nonzero().squeeze(1)
+    chosen = on[0].view(-1, *[1] * (folded.weight_finetuned.ndim - 1))
+    weight = torch.where(chosen, folded.weight_finetuned, folded.weight_pretrained)
+    bias = (
+        torch.where(on[0], folded.bias_finetuned, folded.bias_pretrained)
+        if folded.bias_finetuned is not None
+        else None
+    )
+    out = op(hidden_states, weight, bias)
+    if disagreeing.numel():
+        rows = FoldedBanks(
+            (),
+            folded.weight_finetuned.index_select(0, disagreeing),
+            folded.weight_pretrained.index_select(0, disagreeing),
+            folded.bias_finetuned.index_select(0, disagreeing) if folded.bias_finetuned is not None else None,
+            folded.bias_pretrained.index_select(0, disagreeing) if folded.bias_pretrained is not None else None,
+        )
+        mixed = two_bank_forward(op, hidden_states, gates.index_select(1, disagreeing), rows)
+        out.index_copy_(-1 if op.linear else 1, disagreeing, mixed)
+    return out
+
+
+def disagreeing_share(gates: torch.Tensor) -> float:
+    """The share of filters on which the examples of a batch decide differently."""
+    on = gates > 0.5
+    return float((on.any(0) & ~on.all(0)).float().mean())
+
+
+def prefer_split(gates: torch.Tensor, output_positions: int) -> bool:
+    """Whether the agreement split beats both banks and a select: both banks cost 2x a plain conv, the split
+    ~(1 + 2 d) for a disagreeing share d plus writing the chosen kernel and the indexing around the differing
+    filters, which small maps do not repay (measured one-off on ResNet-50 layer shapes at batch 32, CPU: see
+    speed.md's notes). So: a batch whose filters all agree always splits; others while d <= 0.4 on maps of at
+    least `MERGE_MIN_POSITIONS` positions."""
+    if gates.shape[0] < 2:
+        return False
+    share = disagreeing_share(gates)
+    return share == 0 or (share <= SPLIT_MAX_DISAGREEMENT and output_positions >= MERGE_MIN_POSITIONS)
+
+
+SPLIT_MAX_DISAGREEMENT = 0.4
+
+
 def prefer_merged(op: BankOp, weight: torch.Tensor, output_positions: int, batch: int) -> bool:
     """Whether per-example merged kernels beat both banks plus a select, by a cost model measured on CPU
     (`python benchmarks/speed.py --sweep` prints the measurements).
@@ -268,7 +321,8 @@ def _same_digest(cached: torch.Tensor | None, current: torch.Tensor) -> bool:
 
 
 # How each implementation chooses the inference kernel of a layer: "two_bank" (both banks and a select),
-# "merged" (per-example merged kernels), "auto" (the cost model, `prefer_merged`).
+# "merged" (per-example merged kernels), "auto" (the cost model: `prefer_merged`, and where both banks would run,
+# the agreement split while few filters disagree).
 INFERENCE_KERNELS = ("two_bank", "merged", "auto")
 
 
@@ -276,10 +330,14 @@ def folded_forward(
     op: BankOp, hidden_states: torch.Tensor, gates: torch.Tensor, folded: FoldedBanks, kernel: str
 ) -> torch.Tensor:
     """Inference from folded banks (the input already `op.prepare`d) through `kernel` of `INFERENCE_KERNELS`."""
-    merged = kernel == "merged"
+    merged, split = kernel == "merged", False
     if kernel == "auto":
         positions = op.output_positions(hidden_states, folded.weight_finetuned.shape[2:])
         merged = prefer_merged(op, folded.weight_finetuned, positions, hidden_states.shape[0])
+        # The split decides on the gates' values on the host: not under torch.compile (a graph break).
+        split = not merged and not torch.compiler.is_compiling() and prefer_split(gates, positions)
     if merged:
         return merged_forward(op, hidden_states, gates, folded)
+    if split and (out := agreement_split_forward(op, hidden_states, gates, folded)) is not None:
+        return out
     return two_bank_forward(op, hidden_states, gates, folded)
