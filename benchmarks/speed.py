@@ -30,7 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -459,6 +459,104 @@ def layer_sweep(settings: Settings, batches: tuple[int, ...] = (1, 32), repeats:
     return rows
 
 
+# ----------------------------------------------------------------------------- trained gates, real images
+
+
+def _real_pixels(split, processor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from hf_adafilter.data.images import decode_image, to_rgb
+
+    dataset, image_column, label_column = split
+    rows = dataset.select(range(min(count, len(dataset))))
+    images = [to_rgb(decode_image(value)) for value in rows[image_column]]
+    return processor(images, return_tensors="pt")["pixel_values"], torch.tensor(rows[label_column])
+
+
+def disagreement(model: torch.nn.Module, batches: Sequence[torch.Tensor]) -> float:
+    """Share of (batch, filter) pairs on which the images of a batch decide differently, every filter once."""
+    from hf_adafilter.modeling.gated_inference import disagreeing_share
+
+    shares, widths = [], []
+    with torch.no_grad():
+        for pixels in batches:
+            for gates in model(pixels).gates:
+                shares.append(disagreeing_share(gates))
+                widths.append(gates.shape[1])
+    return sum(s * w for s, w in zip(shares, widths, strict=True)) / sum(widths)
+
+
+def trained_gates_section(model_dir: Path, settings: Settings) -> list[str]:
+    """Inference of a trained model (gates as training left them) on real validation images, against the plain
+    backbone of the same architecture (`export_bank("pretrained")`) and the static export (calibrated on 256
+    training images), with the accuracy each gets on the validation images."""
+    from transformers import AutoImageProcessor
+
+    from hf_adafilter.data import load_default_dataset
+
+    torch.set_num_threads(settings.threads)
+    model = AdaFilterForImageClassification.from_pretrained(model_dir).eval()
+    processor = AutoImageProcessor.from_pretrained(model_dir)
+    data = load_default_dataset(train_val_split=None)
+    calibration, _ = _real_pixels((data.require("train"), data.image_column, data.label_column), processor, 256)
+    pixels, labels = _real_pixels((data.validation, data.image_column, data.label_column), processor, 512)
+    variants = {
+        "plain": model.export_bank("pretrained"),
+        "adafilter": model,
+        "static": model.export_static(calibration.split(64)),
+    }
+    with torch.no_grad():
+        accuracy = {
+            name: float((torch.cat([m(b).logits for b in pixels.split(64)]).argmax(-1) == labels).float().mean())
+            for name, m in variants.items()
+            if name != "plain"
+        }
+    agreement = variants["static"].config.adafilter_static["agreement"]
+    lines = [
+        f"### Trained gates: the embedded default job's model ({model_dir}), real validation images",
+        "",
+        f"Static export calibrated on 256 training images (agreement {agreement:.3f}); validation accuracy on "
+        f"{len(labels)} images: learned gates {accuracy['adafilter']:.4f}, static {accuracy['static']:.4f}.",
+        "",
+        "| batch | plain backbone | AdaFilter | ratio | AdaFilter, `folded_weights_check=\"version\"` | ratio "
+        "| static export | ratio | filters the batch disagrees on |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for batch in (1, 32):
+        chunks = list(pixels.split(batch))[:8]
+        share = disagreement(model, chunks) if batch > 1 else 0.0
+
+        def forward(module, check=None, chunks=chunks):
+            inputs = itertools.cycle(chunks)
+
+            def call():
+                config = getattr(module, "config", None)
+                previous = getattr(config, "folded_weights_check", None)
+                if check is not None:
+                    config.folded_weights_check = check
+                with torch.no_grad():
+                    module(next(inputs))
+                if check is not None:
+                    config.folded_weights_check = previous
+
+            return call
+
+        calls = {
+            "plain": forward(variants["plain"]),
+            "adafilter": forward(model),
+            "version": forward(model, "version"),
+            "static": forward(variants["static"]),
+        }
+        repeats = settings.infer_repeats * (3 if batch == 1 else 1)
+        seconds = time_interleaved(calls, settings.warmup * 2, repeats, settings.device)
+        plain = seconds["plain"]
+        lines.append(
+            f"| {batch} | {plain * 1e3:.1f} ms | {seconds['adafilter'] * 1e3:.1f} ms | "
+            f"**{seconds['adafilter'] / plain:.2f}x** | {seconds['version'] * 1e3:.1f} ms | "
+            f"**{seconds['version'] / plain:.2f}x** | {seconds['static'] * 1e3:.1f} ms | "
+            f"**{seconds['static'] / plain:.2f}x** | {share:.1%} |"
+        )
+    return lines
+
+
 # ----------------------------------------------------------------------------- torch.compile at batch 1
 
 
@@ -690,6 +788,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Report to update (default: benchmarks/results/speed.md; --quick: none).",
     )
+    parser.add_argument(
+        "--trained_model",
+        default=None,
+        help="Also time inference of this saved model (e.g. the embedded default job's, outputs/fashion-mnist-"
+        "adafilter) on the embedded validation images, with its static export and the plain backbone.",
+    )
     parser.add_argument("--probe-memory", nargs=2, metavar=("CONFIG", "VARIANT"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -720,6 +824,8 @@ def main(argv: list[str] | None = None) -> None:
             + "\n".join(layer_sweep(settings))
             + "\n"
         )
+    if args.trained_model is not None:
+        sections.append("\n".join(trained_gates_section(Path(args.trained_model), settings)) + "\n")
     if args.compile:
         sections.append("\n".join(compile_section(settings)) + "\n")
     report = "\n".join(sections)
