@@ -568,3 +568,15 @@ def test_auto_inference_splits_a_batch_that_agrees_and_matches_the_reference(fam
         fast = model(pixels)
     assert_close(fast.logits, reference.logits, FP64_TOLERANCE, "logits")
     assert all(torch.equal(a, b) for a, b in zip(reference.gates, fast.gates, strict=True))
+
+
+def test_speed_benchmark_times_a_trained_model_on_real_images(tmp_path):
+    speed = load_speed_module()
+    model = perturbed_model("resnet", torch.float32)
+    model.save_pretrained(tmp_path)
+    transformers.ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    settings = speed.Settings(threads=torch.get_num_threads(), warmup=1, train_repeats=1, infer_repeats=1)
+    lines = speed.trained_gates_section(tmp_path, settings)
+    assert "validation accuracy on 500 images: learned gates" in lines[2]
+    rows = [line for line in lines if line.startswith("| 1 |") or line.startswith("| 32 |")]
+    assert len(rows) == 2 and all(row.count("**") == 6 for row in rows)
