@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import sys
@@ -30,8 +29,7 @@ from transformers import TrainingArguments, set_seed
 from ..data.images import check_images
 from ..data.loading import DataError, load_default_dataset, load_image_classification_data
 from ..data.transforms import Augmentation, build_transforms, collate_fn, resize_image_processor
-from ..hub.model_card import GATE_FRACTIONS_FILE, PLOT_FILE, PREDICTIONS_FILE
-from ..hub.plots import plot_gate_fractions
+from ..hub.model_card import PREDICTIONS_FILE
 from ..metrics import build_compute_metrics
 from .arguments import AdaFilterArguments, BaselineArguments, DataTrainingArguments, ModelArguments
 from .command_line import DEFAULT_ARGS, parse_args, parse_args_and_defaults  # noqa: F401  (the script's API)
@@ -229,7 +227,7 @@ def train_and_evaluate(
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
         results.update(metrics)
-        save_gate_analysis(trainer, training_args.output_dir)
+        trainer.save_gate_analysis()
     if training_args.do_predict:
         test_dataset = data.test.with_transform(eval_transform)
         prediction = trainer.predict(test_dataset, metric_key_prefix="test")
@@ -252,16 +250,6 @@ def train_and_evaluate(
         )
     shut_down_distributed(trainer)
     return results
-
-
-def save_gate_analysis(trainer, output_dir: str) -> None:
-    """The paper's per-layer analysis: the share of fine-tuned filters per gated layer on the validation set."""
-    fractions = trainer.last_eval_gate_fractions
-    if not fractions or not trainer.is_world_process_zero():
-        return
-    stages = getattr(trainer.model, "gated_layer_stages", None)
-    (Path(output_dir) / GATE_FRACTIONS_FILE).write_text(json.dumps(fractions, indent=2) + "\n")
-    plot_gate_fractions(fractions, Path(output_dir) / PLOT_FILE, stages=stages)
 
 
 def save_predictions(prediction, id2label: dict[int, str], output_dir: str) -> None:

@@ -1,5 +1,6 @@
-"""What the Trainer leaves in `output_dir` for the Hub: the AdaFilter model card, a token-free `training_args.json`
-and a `.gitignore` keeping the pickled arguments off the Hub, and with `--save_compact` a compact final model."""
+"""What the Trainer leaves in `output_dir` for people and the Hub: the gate analysis (per-layer fractions and plot),
+the AdaFilter model card, a token-free `training_args.json` and a `.gitignore` keeping the pickled arguments off
+the Hub, and with `--save_compact` a compact final model."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from ..hub.model_card import (
     render_model_card,
     training_settings,
 )
+from ..hub.plots import plot_gate_fractions
 from ..modeling.modeling_adafilter import AdaFilterPreTrainedModel
 
 # `trainer.push_to_hub` uploads the whole output_dir, with the Trainer's pickled TrainingArguments. Nothing loads it
@@ -27,7 +29,19 @@ TRAINING_ARGS_JSON = "training_args.json"
 
 
 class HubOutputsMixin:
-    """Mixed into `AdaFilterTrainer` (before `transformers.Trainer`)."""
+    """Mixed into `AdaFilterTrainer` (before `transformers.Trainer`). The one owner of the gate analysis files:
+    written here (`save_gate_analysis`), read back here for a later model card."""
+
+    def save_gate_analysis(self) -> None:
+        """The paper's per-layer analysis of the last evaluation: the share of fine-tuned filters per gated layer
+        (`gate_fractions.json`) and its plot, in output_dir."""
+        fractions = self.last_eval_gate_fractions
+        if not fractions or not self.is_world_process_zero():
+            return
+        output_dir = Path(self.args.output_dir)
+        stages = getattr(self.model, "gated_layer_stages", None)
+        (output_dir / GATE_FRACTIONS_FILE).write_text(json.dumps(fractions, indent=2) + "\n")
+        plot_gate_fractions(fractions, output_dir / PLOT_FILE, stages=stages)
 
     def create_model_card(
         self,
