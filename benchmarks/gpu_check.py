@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import os
 import shutil
@@ -45,14 +44,6 @@ class Step:
     seconds: float = 0.0
     log: str = ""
     detail: str = ""
-
-
-def _load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def plan(output_dir: Path) -> list[Step]:
@@ -90,10 +81,16 @@ def dry_run(step: Step) -> None:
     if step.command[1] == "examples/run.py":
         from hf_adafilter.training.cli import parse_args
 
-        parse_args([*arguments, "--use_cpu"])  # transformers refuses bf16 without a GPU unless told to use the CPU
+        # transformers refuses bf16 without a GPU unless told to use the CPU
+        parse_args([*arguments, "--use_cpu"])
         step.detail = "arguments parse"
     elif step.command[1] == "benchmarks/speed.py":
-        _load(ROOT / "benchmarks" / "speed.py", "adafilter_speed_benchmark").parse_args(arguments)
+        # A sibling script, imported the way transfer.py imports prepare_data.
+        if str(ROOT / "benchmarks") not in sys.path:
+            sys.path.insert(0, str(ROOT / "benchmarks"))
+        import speed
+
+        speed.parse_args(arguments)
         step.detail = "arguments parse"
     else:
         collect = [*step.command[:4], "--collect-only", *step.command[4:7]]

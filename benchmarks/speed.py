@@ -30,7 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -248,22 +248,29 @@ def make_inference(
     inputs = itertools.cycle(batches)
 
     def forward() -> None:
-        config = getattr(model, "config", None)
-        default_check = getattr(config, "folded_weights_check", None)
-        if folded_weights_check is not None:
-            config.folded_weights_check = folded_weights_check
-        try:
-            with (
-                gated_implementation(model, implementation_of(variant)),
-                autocast_context(settings),
-                torch.no_grad(),
-            ):
-                model(next(inputs))
-        finally:
-            if folded_weights_check is not None:
-                config.folded_weights_check = default_check
+        with (
+            gated_implementation(model, implementation_of(variant)),
+            folded_weights_check_of(model, folded_weights_check),
+            autocast_context(settings),
+            torch.no_grad(),
+        ):
+            model(next(inputs))
 
     return forward
+
+
+@contextlib.contextmanager
+def folded_weights_check_of(model: torch.nn.Module, check: str | None) -> Iterator[None]:
+    """`model.config.folded_weights_check = check` inside the block (None: as configured), restored after."""
+    config = getattr(model, "config", None)
+    if check is None or config is None:
+        yield
+        return
+    previous, config.folded_weights_check = config.folded_weights_check, check
+    try:
+        yield
+    finally:
+        config.folded_weights_check = previous
 
 
 def time_interleaved(
@@ -528,14 +535,8 @@ def trained_gates_section(model_dir: Path, settings: Settings) -> list[str]:
             inputs = itertools.cycle(chunks)
 
             def call():
-                config = getattr(module, "config", None)
-                previous = getattr(config, "folded_weights_check", None)
-                if check is not None:
-                    config.folded_weights_check = check
-                with torch.no_grad():
+                with folded_weights_check_of(module, check), torch.no_grad():
                     module(next(inputs))
-                if check is not None:
-                    config.folded_weights_check = previous
 
             return call
 

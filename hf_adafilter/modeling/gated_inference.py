@@ -205,16 +205,21 @@ def two_bank_forward(
 
 
 def agreement_split_forward(
-    op: BankOp, hidden_states: torch.Tensor, gates: torch.Tensor, folded: FoldedBanks
+    op: BankOp,
+    hidden_states: torch.Tensor,
+    gates: torch.Tensor,
+    folded: FoldedBanks,
+    disagreeing: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Filters on which every example of the batch makes the same 0/1 decision run once, as one conv with each
     filter's chosen bank; only the filters that differ run both banks, mixed per example and written into their
     channels. Cost ~ (1 + 2 x disagreeing share) of the plain layer, plus writing the chosen kernel. None where it
-    does not apply (grouped convs, gates between 0 and 1)."""
+    does not apply (grouped convs, gates between 0 and 1). `disagreeing`: `disagreeing_filters(gates)`, when the
+    caller has it already."""
     if op.groups != 1 or not bool(((gates == 0) | (gates == 1)).all()):
         return None
     on = gates.to(torch.bool)
-    disagreeing = (on.any(0) & ~on.all(0)).nonzero().squeeze(1)
+    differing = (disagreeing if disagreeing is not None else disagreeing_filters(gates)).nonzero().squeeze(1)
     chosen = on[0].view(-1, *[1] * (folded.weight_finetuned.ndim - 1))
     weight = torch.where(chosen, folded.weight_finetuned, folded.weight_pretrained)
     bias = (
@@ -223,34 +228,36 @@ def agreement_split_forward(
         else None
     )
     out = op(hidden_states, weight, bias)
-    if disagreeing.numel():
+    if differing.numel():
         rows = FoldedBanks(
             (),
-            folded.weight_finetuned.index_select(0, disagreeing),
-            folded.weight_pretrained.index_select(0, disagreeing),
-            folded.bias_finetuned.index_select(0, disagreeing) if folded.bias_finetuned is not None else None,
-            folded.bias_pretrained.index_select(0, disagreeing) if folded.bias_pretrained is not None else None,
+            folded.weight_finetuned.index_select(0, differing),
+            folded.weight_pretrained.index_select(0, differing),
+            folded.bias_finetuned.index_select(0, differing) if folded.bias_finetuned is not None else None,
+            folded.bias_pretrained.index_select(0, differing) if folded.bias_pretrained is not None else None,
         )
-        mixed = two_bank_forward(op, hidden_states, gates.index_select(1, disagreeing), rows)
-        out.index_copy_(-1 if op.linear else 1, disagreeing, mixed)
+        mixed = two_bank_forward(op, hidden_states, gates.index_select(1, differing), rows)
+        out.index_copy_(-1 if op.linear else 1, differing, mixed)
     return out
+
+
+def disagreeing_filters(gates: torch.Tensor) -> torch.Tensor:
+    """Per filter, whether the examples of a batch decide differently on it: a (filters,) bool mask."""
+    on = gates > 0.5
+    return on.any(0) & ~on.all(0)
 
 
 def disagreeing_share(gates: torch.Tensor) -> float:
     """The share of filters on which the examples of a batch decide differently."""
-    on = gates > 0.5
-    return float((on.any(0) & ~on.all(0)).float().mean())
+    return float(disagreeing_filters(gates).float().mean())
 
 
-def prefer_split(gates: torch.Tensor, output_positions: int) -> bool:
-    """Whether the agreement split beats both banks and a select: both banks cost 2x a plain conv, the split
-    ~(1 + 2 d) for a disagreeing share d plus writing the chosen kernel and the indexing around the differing
-    filters, which small maps do not repay (measured one-off on ResNet-50 layer shapes at batch 32, CPU: see
-    speed.md's notes). So: a batch whose filters all agree always splits; others while d <= 0.4 on maps of at
-    least `MERGE_MIN_POSITIONS` positions."""
-    if gates.shape[0] < 2:
-        return False
-    share = disagreeing_share(gates)
+def prefer_split(share: float, output_positions: int) -> bool:
+    """Whether the agreement split beats both banks and a select (for a batch of two or more): both banks cost 2x
+    a plain conv, the split ~(1 + 2 d) for a disagreeing share d (`share`) plus writing the chosen kernel and the indexing
+    around the differing filters, which small maps do not repay (measured one-off on ResNet-50 layer shapes at
+    batch 32, CPU: see speed.md's notes). So: a batch whose filters all agree always splits; others while d <= 0.4
+    on maps of at least `MERGE_MIN_POSITIONS` positions."""
     return share == 0 or (share <= SPLIT_MAX_DISAGREEMENT and output_positions >= MERGE_MIN_POSITIONS)
 
 
@@ -330,14 +337,19 @@ def folded_forward(
     op: BankOp, hidden_states: torch.Tensor, gates: torch.Tensor, folded: FoldedBanks, kernel: str
 ) -> torch.Tensor:
     """Inference from folded banks (the input already `op.prepare`d) through `kernel` of `INFERENCE_KERNELS`."""
-    merged, split = kernel == "merged", False
+    merged, disagreeing = kernel == "merged", None
     if kernel == "auto":
         positions = op.output_positions(hidden_states, folded.weight_finetuned.shape[2:])
         merged = prefer_merged(op, folded.weight_finetuned, positions, hidden_states.shape[0])
         # The split decides on the gates' values on the host: not under torch.compile (a graph break).
-        split = not merged and not torch.compiler.is_compiling() and prefer_split(gates, positions)
+        if not merged and hidden_states.shape[0] > 1 and not torch.compiler.is_compiling():
+            mask = disagreeing_filters(gates)
+            if prefer_split(float(mask.float().mean()), positions):
+                disagreeing = mask
     if merged:
         return merged_forward(op, hidden_states, gates, folded)
-    if split and (out := agreement_split_forward(op, hidden_states, gates, folded)) is not None:
-        return out
+    if disagreeing is not None:
+        split = agreement_split_forward(op, hidden_states, gates, folded, disagreeing)
+        if split is not None:
+            return split
     return two_bank_forward(op, hidden_states, gates, folded)

@@ -28,8 +28,8 @@ def apply_gated_implementation(module: nn.Module, name: str) -> None:
     "fused": training (and any forward that needs autograd) runs both banks, norms and mix in one autograd function
     (`gated_training.FusedGatedBanks`); inference (no grad, norms in eval mode) folds each norm into its bank and
     computes both banks, then selects. "merged": as "fused", but inference always uses per-example merged kernels
-    (one conv per layer). "auto" (the default): "fused" in training, and in inference merged or both banks per layer
-    by a cost model (`gated_inference.prefer_merged`). All but "reference" also use the lean gate controller. All give
+    (one conv per layer). "auto" (the default): "fused" in training, and in inference merged kernels, both banks or
+    the agreement split per layer and batch by a cost model (`gated_inference.prefer_merged`, `prefer_split`). All but "reference" also use the lean gate controller. All give
     the reference's outputs and gradients up to float rounding (tests/test_fast_paths.py). Models keep theirs in
     `config.gated_implementation` (`model.set_gated_implementation`).
     """
@@ -174,13 +174,10 @@ class GatedLayer(nn.Module):
         types do not change)."""
         op = self._op
         if op is None:
-            modules = self._modules
-            op = bank_op(modules["base_layer"], self.weight_standardization_eps)
-            same_type = type(modules["finetuned_layer"]) is type(modules["base_layer"])
-            norms = [
-                modules.get(name) for name in ("finetuned_norm", "base_norm") if modules.get(name) is not None
-            ]
-            if op is None or not same_type or not all(is_plain_batchnorm(norm) for norm in norms):
+            finetuned, base, *norms = self.bank_modules()
+            op = bank_op(base, self.weight_standardization_eps)
+            same_type = type(finetuned) is type(base)
+            if op is None or not same_type or not all(is_plain_batchnorm(n) for n in norms if n is not None):
                 op = _UNSUPPORTED
             self._op = op
         return None if op is _UNSUPPORTED else op
