@@ -14,10 +14,12 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 # Packaged backbones are converted once per test session, never into the user's cache.
 os.environ.setdefault("HF_ADAFILTER_CACHE", tempfile.mkdtemp(prefix="hf_adafilter_test_cache_"))
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from hub_server import LocalHub  # noqa: E402
+from PIL import Image  # noqa: E402
 
 TINY_BACKBONE_CONFIGS = {
     # Bottleneck blocks with a projection shortcut: plain convs + BatchNorm.
@@ -137,3 +139,20 @@ def load_script(path: Path, name: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+CLASSES = ("red", "blue")
+
+
+def make_imagefolder(root: Path, per_class: int, seed: int) -> Path:
+    """Reddish vs bluish photos-to-be; various sizes so the transforms must resize."""
+    rng = np.random.default_rng(seed)
+    for index, name in enumerate(CLASSES):
+        folder = root / name
+        folder.mkdir(parents=True)
+        for item in range(per_class):
+            size = int(rng.integers(36, 56))
+            pixels = rng.integers(0, 90, (size, size + 4, 3))
+            pixels[..., 0 if index == 0 else 2] += 150
+            Image.fromarray(pixels.astype("uint8")).save(folder / f"{item}.png")
+    return root

@@ -13,12 +13,10 @@ import sys
 import sysconfig
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import tiny_backbone_config
-from PIL import Image
+from conftest import CLASSES, make_imagefolder, tiny_backbone_config
 
 from hf_adafilter.data.loading import DataError
 from hf_adafilter.training.methods import METHODS
@@ -26,7 +24,6 @@ from hf_adafilter.training.trainer import AdaFilterTrainer
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_SCRIPT = REPO / "examples" / "run.py"
-CLASSES = ("red", "blue")
 
 
 def load_run_module():
@@ -38,20 +35,6 @@ def load_run_module():
 
 
 run_example = load_run_module()
-
-
-def make_imagefolder(root: Path, per_class: int, seed: int) -> Path:
-    """Reddish vs bluish photos-to-be; various sizes so the transforms must resize."""
-    rng = np.random.default_rng(seed)
-    for index, name in enumerate(CLASSES):
-        folder = root / name
-        folder.mkdir(parents=True)
-        for item in range(per_class):
-            size = int(rng.integers(36, 56))
-            pixels = rng.integers(0, 90, (size, size + 4, 3))
-            pixels[..., 0 if index == 0 else 2] += 150
-            Image.fromarray(pixels.astype("uint8")).save(folder / f"{item}.png")
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,16 @@ import torch
 import transformers
 from conftest import tiny_backbone_config
 
+import hf_adafilter.compare.runs as compare_runs
+from hf_adafilter.compare.chart import write_chart
+from hf_adafilter.compare.costs import method_costs
+from hf_adafilter.compare.methods import CORE_METHODS, EXTENDED_METHODS, METHODS
+from hf_adafilter.compare.plan import RunSpec, Task, choose_learning_rate, fingerprint, plan_runs, run_argv
+from hf_adafilter.compare.report import paired_verdict, validation_table, write_markdown
+from hf_adafilter.compare.report_sections import cost_section
+from hf_adafilter.compare.runs import run_suite
+from hf_adafilter.compare.suite import regime
+from hf_adafilter.compare.summary import detectable_effect, mean_interval, summarize
 from hf_adafilter.training.arguments import AdaFilterArguments
 from hf_adafilter.training.trainer import AdaFilterTrainer
 
@@ -77,27 +87,27 @@ def test_missing_package_names_its_install_command(tmp_path, monkeypatch):
         prepare_data.prepare_task("tuxpaint", tmp_path, scale="quick")
 
 
-def paper_task(name: str = "toy", train: int = 300) -> transfer.Task:
+def paper_task(name: str = "toy", train: int = 300) -> Task:
     record = {"sizes_per_split": {"train": train, "validation": 50, "test": 100}, "classes": ["x", "y"],
               "scale": "paper", "seed": 0, "counts_per_class": {"train": [train // 2, train // 2]}}  # fmt: skip
-    return transfer.Task(name, ("--dataset_name", name), record=record)
+    return Task(name, ("--dataset_name", name), record=record)
 
 
 def test_plan_selects_on_validation_and_touches_test_only_in_final_runs():
     budget = transfer.PRESETS["paper"]
     task = paper_task()
-    plan = transfer.plan_runs([task], list(transfer.METHODS), budget)
-    own_grid = [m for m in transfer.METHODS if m not in budget.lr_from]
+    plan = plan_runs([task], list(METHODS), budget)
+    own_grid = [m for m in METHODS if m not in budget.lr_from]
     assert {len(budget.lr_grids[m]) for m in own_grid} == {
         3
     }  # the same grid size for every method with a grid
-    assert len(plan) == len(own_grid) * 3 + len(transfer.METHODS) * len(budget.seeds)
+    assert len(plan) == len(own_grid) * 3 + len(METHODS) * len(budget.seeds)
     # The ablations take AdaFilter's LR: no selection runs of their own, and they come after AdaFilter.
     assert not [s for s in plan if s.method in budget.lr_from and s.phase == "select"]
     order = [s.method for s in plan]
     assert max(order.index(m) for m in budget.lr_from) > order.index("adafilter")
     for spec in plan:
-        argv = transfer.run_argv(spec, task, budget, "model", Path("out"))
+        argv = run_argv(spec, task, budget, "model", Path("out"))
         assert ("--do_predict" in argv) == (spec.phase == "final")
         assert spec.seed not in budget.seeds if spec.phase == "select" else spec.seed in budget.seeds
         assert argv[argv.index("--max_steps") + 1] == str(
@@ -106,9 +116,9 @@ def test_plan_selects_on_validation_and_touches_test_only_in_final_runs():
         assert ("--evaluate_forced_gates" in argv) == spec.method.startswith("adafilter")
         # The users' defaults, unless the method itself is that setting (SGD's gate LR).
         overrides = {"--gate_learning_rate", "--batchnorm_momentum"} & set(argv)
-        assert overrides <= set(transfer.METHODS[spec.method])
+        assert overrides <= set(METHODS[spec.method])
     # Digits are not mirrored; other tasks are.
-    digits = transfer.run_argv(plan[0], paper_task("mnist"), budget, "m", Path("out"))
+    digits = run_argv(plan[0], paper_task("mnist"), budget, "m", Path("out"))
     assert digits[digits.index("--horizontal_flip") + 1] == "false"
     assert argv[argv.index("--horizontal_flip") + 1] == "true"
     # examples/run.py reads the ablation flags as meant (HfArgumentParser's bool syntax).
@@ -120,7 +130,7 @@ def test_plan_selects_on_validation_and_touches_test_only_in_final_runs():
     ):
         spec = next(s for s in plan if s.method == method)
         _, data_args, adafilter_args, _, _ = run_module.parse_args(
-            transfer.run_argv(spec, task, budget, "m", Path("out"))
+            run_argv(spec, task, budget, "m", Path("out"))
         )
         assert (adafilter_args.gate_network, adafilter_args.gated_norm) == (network, gated_norm)
         assert adafilter_args.evaluate_forced_gates and data_args.evaluate_train_split
@@ -135,7 +145,7 @@ def test_short_preset_keeps_the_first_benchmarks_budget():
         72,
         0.08,
     )
-    argv = transfer.run_argv(transfer.RunSpec("mnist", "finetune", 1e-3, 1, "final"), paper_task("mnist"), budget, "m",
+    argv = run_argv(RunSpec("mnist", "finetune", 1e-3, 1, "final"), paper_task("mnist"), budget, "m",
                              Path("out"))  # fmt: skip
     assert argv[argv.index("--max_steps") + 1] == "72" and argv[argv.index("--horizontal_flip") + 1] == "true"
 
@@ -144,9 +154,9 @@ def test_learning_rate_choice_uses_validation_accuracy_then_loss():
     def run(lr, accuracy, loss):
         return {"learning_rate": lr, "metrics": {"eval_accuracy": accuracy, "eval_loss": loss}}
 
-    assert transfer.choose_learning_rate([run(1e-3, 0.8, 0.5), run(3e-4, 0.9, 0.6)], (3e-4, 1e-3)) == 3e-4
-    assert transfer.choose_learning_rate([run(1e-3, 0.8, 0.5), run(3e-4, 0.8, 0.6)], (3e-4, 1e-3)) == 1e-3
-    assert transfer.choose_learning_rate([], (1e-2,)) == 1e-2
+    assert choose_learning_rate([run(1e-3, 0.8, 0.5), run(3e-4, 0.9, 0.6)], (3e-4, 1e-3)) == 3e-4
+    assert choose_learning_rate([run(1e-3, 0.8, 0.5), run(3e-4, 0.8, 0.6)], (3e-4, 1e-3)) == 1e-3
+    assert choose_learning_rate([], (1e-2,)) == 1e-2
 
 
 def fake_runs(monkeypatch, best_lr: float) -> list:
@@ -160,9 +170,9 @@ def fake_runs(monkeypatch, best_lr: float) -> list:
         if spec.phase == "final":
             metrics["test_accuracy"] = accuracy
         return {**vars(spec), "metrics": metrics, "wall_s": 1.0, "peak_rss_mb": 1.0,
-                "key": transfer.fingerprint(spec, task, budget, args.model_name_or_path)}  # fmt: skip
+                "key": fingerprint(spec, task, budget, args.model_name_or_path)}  # fmt: skip
 
-    monkeypatch.setattr(transfer, "execute", fake_execute)
+    monkeypatch.setattr(compare_runs, "execute", fake_execute)
     return executed
 
 
@@ -171,14 +181,14 @@ def test_final_runs_use_the_learning_rate_chosen_on_validation_and_resume_reuses
     args = transfer.parse_args(["--methods", "finetune", "adafilter", "adafilter_independent", "--resume"])
     budget = transfer.PRESETS["paper"]
     tasks = [paper_task()]
-    results = transfer.run_suite(args, budget, tasks, tmp_path)
+    results = run_suite(args, budget, tasks, tmp_path)
     finals = [r for r in results if r["phase"] == "final"]
     assert {r["learning_rate"] for r in finals} == {1e-3}  # the middle of the grid: no extension
     assert len(finals) == 3 * len(budget.seeds)
     assert [s.phase for s in executed[:3]] == ["select"] * 3
     assert not [s for s in executed if s.method == "adafilter_independent" and s.phase == "select"]
     executed.clear()
-    assert len(transfer.run_suite(args, budget, tasks, tmp_path)) == len(results) and not executed
+    assert len(run_suite(args, budget, tasks, tmp_path)) == len(results) and not executed
 
 
 @pytest.mark.parametrize(("best_lr", "extension"), [(1e-2, 9e-3), (1e-4, 9e-5)])
@@ -186,7 +196,7 @@ def test_a_choice_at_the_edge_of_the_grid_extends_it_once(tmp_path, monkeypatch,
     executed = fake_runs(monkeypatch, best_lr=best_lr)
     args = transfer.parse_args(["--methods", "finetune"])
     budget = transfer.PRESETS["paper"]
-    results = transfer.run_suite(args, budget, [paper_task()], tmp_path)
+    results = run_suite(args, budget, [paper_task()], tmp_path)
     selection = [s.learning_rate for s in executed if s.phase == "select"]
     assert selection[:3] == list(budget.lr_grids["finetune"]) and len(selection) == 3 + budget.grid_extensions
     assert selection[3] == pytest.approx(extension)
@@ -216,7 +226,7 @@ def synthetic_runs() -> list[dict]:
 
 def test_report_states_the_error_difference_and_gate_use(tmp_path):
     methods = ["linear_probe", "finetune", "adafilter"]
-    report = transfer.summarize(synthetic_runs(), ["a", "b"], methods)
+    report = summarize(synthetic_runs(), ["a", "b"], methods)
     difference = report["differences"]["adafilter"]
     assert difference["per_task"] == pytest.approx({"a": -3.0, "b": -3.0})
     assert difference["mean"] == pytest.approx(-3.0)
@@ -232,7 +242,7 @@ def test_report_states_the_error_difference_and_gate_use(tmp_path):
     tasks = [paper_task("a"), paper_task("b")]
     meta = {"preset": "paper", "command": "python benchmarks/transfer.py", "date": "today", "machine": "m",
             "model": "efficientnet-lite0", "total_wall_s": 60.0, "runs": 12, "test_evaluations": 9}  # fmt: skip
-    transfer.write_markdown(tmp_path / "t.md", report, tasks, methods, budget, meta)
+    write_markdown(tmp_path / "t.md", report, tasks, methods, budget, meta)
     text = (tmp_path / "t.md").read_text()
     assert "AdaFilter beats standard fine-tuning" in text and "-3.00" in text and "83.0 ± 1.0" in text
     assert "-3.00 ± 0.00 (seeds: -3.0, -3.0, -3.0)" in text and "| 99.0 |" in text
@@ -243,30 +253,30 @@ def test_report_states_the_error_difference_and_gate_use(tmp_path):
     assert versus["finetune"]["mean"] == pytest.approx(-3.0)
     assert versus["finetune"]["ci95"] == pytest.approx(0.0)
     assert "| standard fine-tuning | -3.00 | -3.00 ± 0.00" in text
-    assert transfer.regime(tasks, budget) == {
+    assert regime(tasks, budget) == {
         "images_per_class": {"a": 150, "b": 150}, "train_images": {"a": 300, "b": 300}, "epochs": 30,
         "steps": {"a": 300, "b": 300},
     }  # fmt: skip
     assert "not measured" in text and "QUICK" not in text
-    transfer.write_chart(tmp_path / "t.png", report, ["a", "b"], methods, "title")
+    write_chart(tmp_path / "t.png", report, ["a", "b"], methods, "title")
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_method_sets_and_a_runs_key_ignores_what_else_is_planned():
-    assert transfer.parse_args([]).methods == list(transfer.CORE_METHODS)
-    assert transfer.parse_args(["--extended"]).methods == list(transfer.EXTENDED_METHODS)
+    assert transfer.parse_args([]).methods == list(CORE_METHODS)
+    assert transfer.parse_args(["--extended"]).methods == list(EXTENDED_METHODS)
     with pytest.raises(SystemExit):
         transfer.parse_args(["--extended", "--methods", "finetune"])
     budget, task = transfer.PRESETS["paper"], paper_task()
-    spec = transfer.RunSpec(task.name, "finetune", 1e-3, 1, "final")
-    key = transfer.fingerprint(spec, task, budget, "m")
+    spec = RunSpec(task.name, "finetune", 1e-3, 1, "final")
+    key = fingerprint(spec, task, budget, "m")
     # --resume reuses a run when the suite around it grows (other methods' grids), not when the run changes.
     core_only = replace(
         budget, lr_grids={m: budget.lr_grids[m] for m in ("linear_probe", "finetune", "adafilter")}
     )
-    assert transfer.fingerprint(spec, task, core_only, "m") == key
-    assert transfer.fingerprint(replace(spec, learning_rate=3e-3), task, budget, "m") != key
-    assert transfer.fingerprint(spec, task, replace(budget, image_size=96), "m") != key
+    assert fingerprint(spec, task, core_only, "m") == key
+    assert fingerprint(replace(spec, learning_rate=3e-3), task, budget, "m") != key
+    assert fingerprint(spec, task, replace(budget, image_size=96), "m") != key
 
 
 def test_costs_count_what_each_method_trains_and_saves(tmp_path):
@@ -274,14 +284,14 @@ def test_costs_count_what_each_method_trains_and_saves(tmp_path):
     torch.manual_seed(0)
     transformers.ResNetForImageClassification(tiny_backbone_config("resnet")).save_pretrained(backbone)
     methods = ["linear_probe", "finetune", "adafilter", "l2sp", "lora", "bitfit"]
-    costs = transfer.method_costs(methods, str(backbone), 3, tmp_path / "work")
+    costs = method_costs(methods, str(backbone), 3, tmp_path / "work")
     trainable = {m: costs[m]["trainable_parameters"] for m in methods}
     assert trainable["finetune"] == trainable["l2sp"] > trainable["bitfit"] > trainable["linear_probe"] > 0
     assert trainable["adafilter"] > trainable["finetune"]  # the fine-tuned bank plus the gate network
     saved = {m: costs[m]["saved_bytes"] for m in methods}
     assert saved["lora"] < saved["finetune"] == saved["bitfit"] < saved["adafilter"]
     assert costs["adafilter"]["compact_bytes"] < saved["adafilter"]
-    lines = transfer.cost_section(costs, methods, {"model": "m", "cost_num_labels": 3})
+    lines = cost_section(costs, methods, {"model": "m", "cost_num_labels": 3})
     assert any(line.startswith("| LoRA (PEFT) |") for line in lines)
 
 
@@ -346,11 +356,11 @@ def test_the_natural_preset_runs_each_seed_on_its_own_split_and_pools_the_choice
     budget = replace(transfer.PRESETS["natural"], seeds=(1, 2, 3))
     splits = {seed: ("--dataset_name", f"split{seed}") for seed in (*budget.seeds, *budget.selection_seeds)}
     task = replace(paper_task("tuxpaint", train=120), split_data_args=splits)
-    plan = transfer.plan_runs([task], ["finetune", "adafilter", "adafilter_constant_noise"], budget)
+    plan = plan_runs([task], ["finetune", "adafilter", "adafilter_constant_noise"], budget)
     selection = [s for s in plan if s.phase == "select"]
     assert {s.seed for s in selection} == set(budget.selection_seeds) and len(selection) == 2 * 3 * 2
     for spec in plan:
-        argv = transfer.run_argv(replace(spec, learning_rate=1e-3), task, budget, "m", Path("out"))
+        argv = run_argv(replace(spec, learning_rate=1e-3), task, budget, "m", Path("out"))
         assert argv[argv.index("--dataset_name") + 1] == f"split{spec.seed}"
     # Validation accuracy peaks at 1e-3 on one selection split and at 3e-3 on the other, by less: pooled, 1e-3.
     executed = []
@@ -364,25 +374,25 @@ def test_the_natural_preset_runs_each_seed_on_its_own_split_and_pools_the_choice
         metrics = {"eval_accuracy": accuracy, "eval_loss": 1.0, "test_accuracy": 0.8}
         return {**vars(spec), "metrics": metrics, "wall_s": 1.0, "peak_rss_mb": 1.0, "key": str(len(executed))}
 
-    monkeypatch.setattr(transfer, "execute", fake_execute)
+    monkeypatch.setattr(compare_runs, "execute", fake_execute)
     args = transfer.parse_args(["--preset", "natural", "--methods", "finetune", "adafilter_constant_noise",
                                 "--selection_only"])  # fmt: skip
-    results = transfer.run_suite(args, budget, [task], tmp_path)
+    results = run_suite(args, budget, [task], tmp_path)
     assert all(r["phase"] == "select" for r in results)  # --selection_only reads no test split
     variant = [r for r in results if r["method"] == "adafilter_constant_noise"]
     # The variant takes AdaFilter's LR (chosen first, on AdaFilter's own grid) and validates at it on each split.
     assert {r["learning_rate"] for r in variant} == {1e-3} and len(variant) == 2
     assert {r["method"] for r in results} == {"finetune", "adafilter", "adafilter_constant_noise"}
-    table = "\n".join(transfer.validation_table(results, ["tuxpaint"], args.methods, budget))
+    table = "\n".join(validation_table(results, ["tuxpaint"], args.methods, budget))
     assert "constant temperature" in table and "| 0.001 |" in table
 
 
 def test_a_resolution_variant_replaces_the_budgets_image_size():
     budget = transfer.PRESETS["natural"]
-    spec = transfer.RunSpec("toy", "adafilter_128px", 1e-3, 101, "select")
-    argv = transfer.run_argv(spec, paper_task(), budget, "m", Path("out"))
+    spec = RunSpec("toy", "adafilter_128px", 1e-3, 101, "select")
+    argv = run_argv(spec, paper_task(), budget, "m", Path("out"))
     assert argv.count("--image_size") == 1 and argv[argv.index("--image_size") + 1] == "128"
-    default = transfer.run_argv(replace(spec, method="adafilter"), paper_task(), budget, "m", Path("out"))
+    default = run_argv(replace(spec, method="adafilter"), paper_task(), budget, "m", Path("out"))
     assert default[default.index("--image_size") + 1] == str(budget.image_size)
 
 
@@ -394,7 +404,7 @@ def test_paired_statistics_per_task_include_mcnemar_and_the_detectable_effect():
             runs.append({"task": "t", "method": method, "phase": "final", "seed": seed, "learning_rate": 1e-3,
                          "metrics": {"test_accuracy": string.count("1") / 4, "eval_accuracy": 0.5, "eval_loss": 1.0},
                          "wall_s": 1.0, "peak_rss_mb": 1.0, "test_correct": string})  # fmt: skip
-    cell = transfer.summarize(runs, ["t"], ["finetune", "adafilter"])["cells"]["t"]["adafilter"]
+    cell = summarize(runs, ["t"], ["finetune", "adafilter"])["cells"]["t"]["adafilter"]
     assert cell["splits"] == 3 and cell["paired_mean"] == pytest.approx(-25.0)
     assert cell["paired_ci95"] == pytest.approx([-25.0, -25.0])  # the same difference on every split
     assert cell["detectable_effect"] == pytest.approx(0.0)
@@ -404,7 +414,7 @@ def test_paired_statistics_per_task_include_mcnemar_and_the_detectable_effect():
 
     sd = statistics.stdev(diffs)
     expected = (stats.t.ppf(0.975, 3) + stats.t.ppf(0.8, 3)) * sd / 2
-    assert transfer.detectable_effect(diffs) == pytest.approx(expected)
-    assert transfer.mean_interval(diffs)[1] == pytest.approx(stats.t.ppf(0.975, 3) * sd / 2)
-    report = transfer.write_markdown  # the paired verdict names the interval
-    assert "[-25.00, -25.00]" in transfer.paired_verdict({"t": {"adafilter": cell}}, "t") and report
+    assert detectable_effect(diffs) == pytest.approx(expected)
+    assert mean_interval(diffs)[1] == pytest.approx(stats.t.ppf(0.975, 3) * sd / 2)
+    report = write_markdown  # the paired verdict names the interval
+    assert "[-25.00, -25.00]" in paired_verdict({"t": {"adafilter": cell}}, "t") and report
