@@ -28,7 +28,6 @@ from hf_adafilter.data.transforms import (
     build_transforms,
     collate_fn,
     random_resized_crop_box,
-    resolve_preprocessing,
 )
 
 CLASSES = ("bird", "cat", "dog")
@@ -515,18 +514,26 @@ def test_eval_transform_matches_the_processor_at_native_size(name):
 
 
 def test_image_size_override_keeps_crop_fraction():
+    """`image_size` is one rule, `resize_image_processor`'s: the processor saved with the model is the evaluation."""
+    from hf_adafilter.data.transforms import resize_image_processor
+
     lite0 = transformers.EfficientNetImageProcessorPil(
         size={"shortest_edge": 256},
         crop_size={"height": 224, "width": 224},
         do_center_crop=True,
         include_top=False,
     )
-    spec = resolve_preprocessing(lite0, image_size=128)
-    assert (spec.crop_size, spec.resize, spec.center_crop) == ((128, 128), 146, True)  # round(128 / 0.875)
-    convnext = resolve_preprocessing(transformers.ConvNextImageProcessorPil(), image_size=96)
-    assert (convnext.crop_size, convnext.resize) == ((96, 96), 110)  # round(96 / 0.875)
-    vit = resolve_preprocessing(transformers.ViTImageProcessorPil(), image_size=64)
-    assert (vit.crop_size, vit.resize) == ((64, 64), 64)
+    image = make_image("RGB", 170, 120, seed=2)
+    for processor, size, resized_size in (
+        (lite0, 128, {"shortest_edge": 146}),  # round(128 / 0.875)
+        (transformers.ConvNextImageProcessorPil(), 96, {"shortest_edge": 96}),  # with its crop_pct 0.875
+        (transformers.ViTImageProcessorPil(), 64, {"height": 64, "width": 64}),  # a warp stays a warp
+    ):
+        train_transform, eval_transform = build_transforms(processor, image_size=size)
+        resized = resize_image_processor(processor, size)
+        assert train_transform.spec.crop_size == (size, size) and dict(resized.size) == resized_size
+        ours = eval_transform({"image": [image], "label": [0]})["pixel_values"][0]
+        np.testing.assert_allclose(ours.numpy(), resized(images=image, return_tensors="np")["pixel_values"][0])
 
 
 def test_transform_outputs_and_normalisation(train_dir, cache):

@@ -18,7 +18,8 @@ RANKS = {
     "baselines": 1,
     "hub": 2,
     "training": 3,
-    "": 4,
+    "compare": 4,
+    "": 5,
 }
 MAX_MODULE_LINES = 400
 

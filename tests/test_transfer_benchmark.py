@@ -27,6 +27,7 @@ from hf_adafilter.compare.runs import run_suite
 from hf_adafilter.compare.suite import regime
 from hf_adafilter.compare.summary import detectable_effect, mean_interval, summarize
 from hf_adafilter.training.arguments import AdaFilterArguments
+from hf_adafilter.training.methods import build_classifier
 from hf_adafilter.training.trainer import AdaFilterTrainer
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -295,13 +296,19 @@ def test_costs_count_what_each_method_trains_and_saves(tmp_path):
     assert any(line.startswith("| LoRA (PEFT) |") for line in lines)
 
 
-def test_trainer_applies_the_batchnorm_momentum(tmp_path):
+def test_the_built_model_carries_the_batchnorm_momentum_and_the_trainer_leaves_it(tmp_path):
+    backbone = tmp_path / "backbone"
     torch.manual_seed(0)
-    model = transformers.ResNetForImageClassification(tiny_backbone_config("resnet"))
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
-    AdaFilterTrainer(model=model, args=args, adafilter_args=AdaFilterArguments(batchnorm_momentum=0.1))
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert norms and all(math.isclose(m.momentum, 0.1) for m in norms)
+    transformers.ResNetForImageClassification(tiny_backbone_config("resnet")).save_pretrained(backbone)
+    for method in ("finetune", "adafilter"):
+        model = build_classifier(method, str(backbone), {0: "a", 1: "b"}, AdaFilterArguments(batchnorm_momentum=0.1))
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert norms and all(math.isclose(m.momentum, 0.1) for m in norms)
+        for norm in norms:
+            norm.momentum = 0.3  # the Trainer trains the model it is given, as it is
+        args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+        AdaFilterTrainer(model=model, args=args, adafilter_args=AdaFilterArguments(batchnorm_momentum=0.1))
+        assert all(math.isclose(m.momentum, 0.3) for m in norms)
     with pytest.raises(ValueError, match="batchnorm_momentum"):
         AdaFilterArguments(batchnorm_momentum=0.0)
 

@@ -1,6 +1,7 @@
-"""Image transforms without torchvision: the backbone image processor's geometry and normalisation reproduced with
-PIL and numpy, random resized crops and flips drawn from torch's RNG (so `transformers.set_seed` makes training
-reproducible and DataLoader workers get distinct streams), and the collate function.
+"""Image transforms without torchvision: evaluation is the backbone's own image processor (transformers' PIL
+backend); training takes random resized crops and flips drawn from torch's RNG (so `transformers.set_seed` makes
+training reproducible and DataLoader workers get distinct streams) to the processor's output size and normalises
+as it does; and the collate function.
 
 Typical use::
 
@@ -25,62 +26,47 @@ import numpy as np
 import PIL.Image
 import torch
 
-from ..modeling.backbones import family_eval_geometry
 from .errors import DataError
 from .images import decode_image, to_rgb
 
 RANDOM_RESIZED_CROP_SCALE = (0.08, 1.0)
 RANDOM_RESIZED_CROP_RATIO = (3 / 4, 4 / 3)
+PROBE_SIZE = 1024  # the square image `output_size` shows a processor: above any crop or warp size in use
 
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """Geometry and normalisation resolved once from an image processor.
+    """What training reads of an image processor, resolved once.
 
-    Evaluation resizes to `resize` (an int: shortest edge, aspect kept; a pair: exact height,
-    width), then center-crops to `crop_size` if `center_crop`. Training takes a random resized
-    crop straight to `crop_size`. Pixels (0..255) become `pixel * scale + shift` per channel, one
-    affine map folding the processor's rescale, offset and normalisation.
+    Training takes a random resized crop straight to `crop_size` (the processor's output size) with `resample`.
+    Pixels (0..255) become `pixel * scale + shift` per channel, one affine map folding the processor's rescale,
+    offset and normalisation.
     """
 
     crop_size: tuple[int, int]
-    resize: int | tuple[int, int]
-    center_crop: bool
     resample: int
     scale: tuple[float, float, float]
     shift: tuple[float, float, float]
 
 
-def resolve_preprocessing(image_processor: Any, image_size: int | None = None) -> Preprocessing:
-    """Read a transformers image processor's settings (no torchvision needed).
-
-    At the processor's native size the evaluation geometry is exactly the processor's own
-    (a family's own rule from `BackboneFamily.eval_geometry`). `image_size` replaces the crop
-    size and keeps the processor's crop fraction: resize the shortest edge to
-    round(image_size / crop_pct), then center-crop.
-    """
-    if image_size is None:
-        resize, crop, _ = _native_geometry(image_processor)
-    else:
-        if image_size <= 0:
-            raise ValueError(f"image_size must be positive, got {image_size}")
-        try:
-            crop_fraction = _native_geometry(image_processor)[2]
-        except ValueError:  # a size we cannot reproduce does not matter once image_size replaces it
-            crop_fraction = getattr(image_processor, "crop_pct", None) or 1.0
-        resize, crop = round(image_size / crop_fraction), (image_size, image_size)
-    center_crop = crop is not None
-    if crop is None:  # a warp to (height, width) is already the output size
-        crop = resize
+def resolve_preprocessing(image_processor: Any) -> Preprocessing:
+    """Read a transformers image processor's output size (what it makes of a square image: its crop, or its warp),
+    resampling filter and normalisation."""
     scale, shift = _normalisation(image_processor)
     return Preprocessing(
-        crop_size=(int(crop[0]), int(crop[1])),
-        resize=resize,
-        center_crop=center_crop,
+        crop_size=output_size(image_processor),
         resample=_pil_resample(getattr(image_processor, "resample", None)),
         scale=scale,
         shift=shift,
     )
+
+
+def output_size(image_processor: Any) -> tuple[int, int]:
+    """(height, width) of what `image_processor` makes of a square image, by asking it (each processor class has its
+    own rules: crop_pct, warps above a size, ...)."""
+    probe = PIL.Image.new("RGB", (PROBE_SIZE, PROBE_SIZE))
+    pixels = image_processor(images=probe, return_tensors="np", **square_crop(image_processor))["pixel_values"]
+    return int(pixels.shape[-2]), int(pixels.shape[-1])
 
 
 def _size_field(size: Any, key: str) -> int | None:
@@ -90,39 +76,15 @@ def _size_field(size: Any, key: str) -> int | None:
     return int(value) if value else None
 
 
-def _native_geometry(processor: Any) -> tuple[int | tuple[int, int], tuple[int, int] | None, float]:
-    """Return (eval resize, eval crop or None, crop fraction used when image_size overrides)."""
-    size, crop_size = getattr(processor, "size", None), getattr(processor, "crop_size", None)
+def square_crop(image_processor: Any) -> dict[str, Any]:
+    """Overrides for a processor that keeps the aspect ratio and crops nothing (its outputs would not stack): the
+    center square of the resized image, as a batch needs."""
+    size = getattr(image_processor, "size", None)
     shortest = _size_field(size, "shortest_edge")
-    height, width = _size_field(size, "height"), _size_field(size, "width")
-    crop_pct = getattr(processor, "crop_pct", None)
-    family_geometry = family_eval_geometry(processor)
-    if family_geometry is not None:
-        return family_geometry
-    # A crop_pct with an exact height and width scales that size by 1 / crop_pct (as transformers' processors do).
-    if shortest:
-        resize: int | tuple[int, int] = int(shortest / crop_pct) if crop_pct else shortest
-    elif height and width:
-        if crop_pct:
-            resize = (
-                int(height / crop_pct) if height == width else (int(height / crop_pct), int(width / crop_pct))
-            )
-        else:
-            resize = (height, width)
-    else:
-        raise ValueError(
-            f"image processor size {size!r} is not supported (need shortest_edge or height and width): "
-            "pass image_size"
-        )
-    crop_h, crop_w = _size_field(crop_size, "height"), _size_field(crop_size, "width")
-    do_crop = getattr(processor, "do_center_crop", None)
-    do_crop = bool(crop_h and crop_w) if do_crop is None else bool(do_crop and crop_h and crop_w)
-    resized_short = resize if isinstance(resize, int) else min(resize)
-    if do_crop:
-        return resize, (crop_h, crop_w), crop_h / resized_short
-    if isinstance(resize, int):  # aspect-kept resize without crop: crop square so batches stack
-        return resize, (resize, resize), 1.0
-    return resize, None, 1.0
+    crops = getattr(image_processor, "do_center_crop", False) and getattr(image_processor, "crop_size", None)
+    if not shortest or crops or getattr(image_processor, "crop_pct", None):
+        return {}
+    return {"do_center_crop": True, "crop_size": {"height": shortest, "width": shortest}}
 
 
 def _per_channel(value: Any, default: float) -> np.ndarray:
@@ -157,33 +119,6 @@ def _pil_resample(resample: Any) -> int:
     except (TypeError, ValueError):  # e.g. a torchvision InterpolationMode
         name = str(getattr(resample, "name", resample)).upper()
         return int(getattr(PIL.Image.Resampling, name, PIL.Image.Resampling.BILINEAR))
-
-
-def _shortest_edge_size(width: int, height: int, shortest: int) -> tuple[int, int]:
-    """(width, height) with the short side at `shortest`, truncating like transformers does."""
-    if width <= height:
-        return shortest, int(shortest * height / width)
-    return int(shortest * width / height), shortest
-
-
-def _center_crop(image: PIL.Image.Image, size: tuple[int, int]) -> PIL.Image.Image:
-    """transformers' offsets ((in - out) // 2); PIL pads with black if the image is smaller."""
-    crop_h, crop_w = size
-    top, left = (image.height - crop_h) // 2, (image.width - crop_w) // 2
-    if (top, left) == (0, 0) and image.size == (crop_w, crop_h):
-        return image
-    return image.crop((left, top, left + crop_w, top + crop_h))
-
-
-def eval_geometry(image: PIL.Image.Image, spec: Preprocessing) -> PIL.Image.Image:
-    """Deterministic resize + center crop."""
-    if isinstance(spec.resize, int):
-        target = _shortest_edge_size(image.width, image.height, spec.resize)
-    else:
-        target = (spec.resize[1], spec.resize[0])
-    if image.size != target:
-        image = image.resize(target, resample=spec.resample)
-    return _center_crop(image, spec.crop_size) if spec.center_crop else image
 
 
 def random_resized_crop_box(
@@ -241,23 +176,26 @@ def train_geometry(
 
 
 class ImageTransform:
-    """Batch transform for `Dataset.with_transform`: {image, label} -> {pixel_values, labels}.
+    """Batch transform for `Dataset.with_transform`: {image, label} -> {pixel_values, labels}; training's random crop
+    and normalisation (`train=True`) or the image processor itself (evaluation).
 
     A class rather than a closure so datasets carrying it pickle into spawned DataLoader workers.
     """
 
     def __init__(
         self,
-        spec: Preprocessing,
+        image_processor: Any,
         train: bool,
         image_column: str = "image",
         label_column: str = "label",
         augmentation: Augmentation = Augmentation(),
     ):
-        self.spec, self.train, self.augmentation = spec, train, augmentation
+        self.image_processor, self.train, self.augmentation = image_processor, train, augmentation
         self.image_column, self.label_column = image_column, label_column
-        self._scale = np.asarray(spec.scale, dtype=np.float32).reshape(3, 1, 1)
-        self._shift = np.asarray(spec.shift, dtype=np.float32).reshape(3, 1, 1)
+        self.spec = resolve_preprocessing(image_processor)
+        self._overrides = square_crop(image_processor)
+        self._scale = np.asarray(self.spec.scale, dtype=np.float32).reshape(3, 1, 1)
+        self._shift = np.asarray(self.spec.shift, dtype=np.float32).reshape(3, 1, 1)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(train={self.train}, {self.spec})"
@@ -266,16 +204,13 @@ class ImageTransform:
         for column in (self.image_column, self.label_column):
             if column not in batch:
                 raise DataError(f"the transform needs column {column!r}; the batch has columns {list(batch)}")
-        pixel_values = [
-            self.normalise(self.geometry(to_rgb(decode_image(value, self.image_column))))
-            for value in batch[self.image_column]
-        ]
-        return {"pixel_values": pixel_values, "labels": [int(label) for label in batch[self.label_column]]}
-
-    def geometry(self, image: PIL.Image.Image) -> PIL.Image.Image:
+        images = [to_rgb(decode_image(value, self.image_column)) for value in batch[self.image_column]]
         if self.train:
-            return train_geometry(image, self.spec, self.augmentation)
-        return eval_geometry(image, self.spec)
+            pixel_values = [self.normalise(train_geometry(image, self.spec, self.augmentation)) for image in images]
+        else:
+            processed = self.image_processor(images=images, return_tensors="np", **self._overrides)["pixel_values"]
+            pixel_values = [torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)) for pixels in processed]
+        return {"pixel_values": pixel_values, "labels": [int(label) for label in batch[self.label_column]]}
 
     def normalise(self, image: PIL.Image.Image) -> torch.Tensor:
         """uint8 HWC -> float32 CHW in one multiply-add."""
@@ -327,18 +262,17 @@ def build_transforms(
 ) -> tuple[ImageTransform, ImageTransform]:
     """(train_transform, eval_transform) for `Dataset.with_transform`.
 
-    Train: RandomResizedCrop (scale `augmentation.min_crop_scale`-1, ratio 3/4-4/3) to the crop size, random
-    horizontal flip unless disabled. Eval: the processor's resize and center crop. Both normalise as the processor
-    does.
-    `image_size` overrides the crop size (see `resolve_preprocessing`). Because `with_transform`
-    is used, the Trainer needs `remove_unused_columns=False`.
+    Eval: the image processor. Train: RandomResizedCrop (scale `augmentation.min_crop_scale`-1, ratio 3/4-4/3) to
+    the processor's output size, random horizontal flip unless disabled, normalised as the processor does.
+    `image_size` stands for `resize_image_processor(image_processor, image_size)` (the processor `examples/run.py`
+    saves with the model). Because `with_transform` is used, the Trainer needs `remove_unused_columns=False`.
     """
-    spec = resolve_preprocessing(image_processor, image_size)
+    if image_size is not None:
+        image_processor = resize_image_processor(image_processor, image_size)
+    columns = {"image_column": image_column, "label_column": label_column}
     return (
-        ImageTransform(
-            spec, train=True, image_column=image_column, label_column=label_column, augmentation=augmentation
-        ),
-        ImageTransform(spec, train=False, image_column=image_column, label_column=label_column),
+        ImageTransform(image_processor, train=True, augmentation=augmentation, **columns),
+        ImageTransform(image_processor, train=False, **columns),
     )
 
 

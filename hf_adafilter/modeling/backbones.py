@@ -40,9 +40,6 @@ class BackboneFamily:
     # Conv classes (by name) whose forward standardises the weight (per filter, with the module's `eps` and `pad`)
     # before `F.conv2d`: the fast paths replicate that.
     weight_standardized_convs: tuple[str, ...] = ()
-    # The image processor's own evaluation geometry where it is not the generic size/crop_size reading of
-    # `transforms.resolve_preprocessing`: processor -> (resize, crop or None, crop fraction).
-    eval_geometry: Callable[[object], tuple | None] = lambda processor: None
 
 
 def _stage_from_stages_index(name: str) -> str:
@@ -131,22 +128,6 @@ def _prepare_efficientnet(model: nn.Module) -> nn.Module:
     return model
 
 
-# ConvNeXt's processor crops (by crop_pct) only below this size and warps at or above it.
-CONVNEXT_WARP_SIZE = 384
-
-
-def _convnext_eval_geometry(processor) -> tuple | None:
-    """ConvNeXt's processor: `shortest_edge` with `crop_pct` and no crop_size means resize to shortest / crop_pct
-    and center-crop to shortest below 384 px, a warp to shortest x shortest at or above."""
-    crop_pct, size = getattr(processor, "crop_pct", None), getattr(processor, "size", None)
-    shortest = size.get("shortest_edge") if hasattr(size, "get") else getattr(size, "shortest_edge", None)
-    if not (crop_pct and shortest) or getattr(processor, "crop_size", None) is not None:
-        return None
-    if shortest < CONVNEXT_WARP_SIZE:
-        return int(shortest / crop_pct), (shortest, shortest), crop_pct
-    return (shortest, shortest), None, crop_pct
-
-
 FAMILIES: dict[str, BackboneFamily] = {
     family.model_type: family
     for family in (
@@ -174,7 +155,6 @@ FAMILIES: dict[str, BackboneFamily] = {
             model_type="convnext",
             default_exclude=(r"embeddings\..*",),
             gate_linear=True,
-            eval_geometry=_convnext_eval_geometry,
         ),
         BackboneFamily(
             model_type="regnet",
@@ -206,15 +186,6 @@ def weight_standardization_eps(module: nn.Module) -> float | None:
     name = type(module).__name__
     if any(name in family.weight_standardized_convs for family in FAMILIES.values()):
         return float(module.eps)
-    return None
-
-
-def family_eval_geometry(processor) -> tuple | None:
-    """A family-specific evaluation geometry of `processor` (see `BackboneFamily.eval_geometry`), or None."""
-    for family in FAMILIES.values():
-        geometry = family.eval_geometry(processor)
-        if geometry is not None:
-            return geometry
     return None
 
 

@@ -6,8 +6,8 @@ Travels to the Hub as remote code: relative imports only, nothing beyond torch.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Sequence
-from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -169,7 +169,7 @@ class GateController(nn.Module):
 
 class GateForward:
     """The gate state of one forward of one model: the controller that decides, the recurrent state between layers,
-    and each layer's decisions. It lives in a context variable while the model's forward runs (`gate_forward`), so
+    and each layer's decisions. It is the thread's active one while the model's forward runs (`gate_forward`), so
     two threads, or DataParallel replicas (each with its own controller), never see each other's."""
 
     def __init__(self, controller: GateController, folded_weights_check: str = "content") -> None:
@@ -200,29 +200,25 @@ class GateForward:
         return tuple(self.gates), probs
 
 
-_ACTIVE_FORWARD: ContextVar[GateForward | None] = ContextVar("adafilter_gate_forward", default=None)
-# torch.compile cannot trace context variables: compiled forwards use one process-wide slot instead (so a compiled
-# model must not be called from two threads at once).
-_COMPILED_FORWARD: list[GateForward | None] = [None]
+# The forward in flight, per thread (DataParallel replicas run in threads). A thread-local rather than a context
+# variable because torch.compile traces attribute reads and writes of a `threading.local` (not `ContextVar`), so
+# eager and compiled forwards share this one mechanism.
+_ACTIVE = threading.local()
 
 
 def activate_gate_forward(
     controller: GateController, folded_weights_check: str = "content"
-) -> tuple[GateForward, object]:
-    """A fresh `GateForward` of `controller`, made the active one of this thread; returns it and the token that
-    `deactivate_gate_forward` takes back (forwards nest)."""
+) -> tuple[GateForward, GateForward | None]:
+    """A fresh `GateForward` of `controller`, made the active one of this thread; returns it and the previous one,
+    which `deactivate_gate_forward` restores (forwards nest)."""
     forward = GateForward(controller, folded_weights_check)
-    if torch.compiler.is_compiling():
-        previous, _COMPILED_FORWARD[0] = _COMPILED_FORWARD[0], forward
-        return forward, previous
-    return forward, _ACTIVE_FORWARD.set(forward)
+    previous = getattr(_ACTIVE, "forward", None)
+    _ACTIVE.forward = forward
+    return forward, previous
 
 
-def deactivate_gate_forward(token: object) -> None:
-    if torch.compiler.is_compiling():
-        _COMPILED_FORWARD[0] = token
-    else:
-        _ACTIVE_FORWARD.reset(token)
+def deactivate_gate_forward(previous: GateForward | None) -> None:
+    _ACTIVE.forward = previous
 
 
 @contextlib.contextmanager
@@ -237,7 +233,7 @@ def gate_forward(controller: GateController) -> Iterator[GateForward]:
 
 def active_gate_forward() -> GateForward:
     """The `GateForward` of the model forward that is running in this thread."""
-    forward = _COMPILED_FORWARD[0] if torch.compiler.is_compiling() else _ACTIVE_FORWARD.get()
+    forward = getattr(_ACTIVE, "forward", None)
     if forward is None:
         raise RuntimeError(
             "A GatedLayer runs only inside the forward of its AdaFilterModel (or a `gating.gate_forward(controller)` "

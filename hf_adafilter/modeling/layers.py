@@ -62,7 +62,7 @@ class GatedLayer(nn.Module):
 
     `base_layer` is the original module (the pre-trained bank); its own `forward` runs, so weight-standardised or
     padded convs keep working. `finetuned_layer` is a copy to train. Which of them trains is the model's rule
-    (`AdaFilterModel.apply_trainability`: the pre-trained bank is frozen). Where a BatchNorm directly followed the
+    (`freeze_pretrained_bank`: the pre-trained bank is frozen). Where a BatchNorm directly followed the
     conv, the layer owns it: with gated norm each bank gets its own BatchNorm (their statistics differ once the copy
     trains), otherwise one BatchNorm normalises the mixture. Unknown attribute reads fall through to `base_layer`
     (padding helpers read `.stride`, `.kernel_size`). Its gates come from the forward of the model it runs in

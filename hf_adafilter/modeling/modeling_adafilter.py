@@ -94,20 +94,21 @@ class AdaFilterPreTrainedModel(AdaFilterCheckpointMixin, PreTrainedModel):
                     init.constant_(head.bias, self.config.gate_init_log_odds)
 
     def frozen_parameter_names(self) -> dict[str, str]:
-        """State-dict key -> plain-backbone name of every frozen parameter (pre-trained bank, ungated filters).
+        """The trainability rule, written once (in `AdaFilterModel.frozen_parameter_names`): state-dict key ->
+        plain-backbone name of every frozen parameter (pre-trained bank, ungated filters).
 
-        Decided by structure, as `freeze_pretrained_bank` decides, not by the current `requires_grad`: this is what
-        a compact checkpoint leaves out and what its checksum covers.
+        Decided by structure, not by the current `requires_grad`: this is what `freeze_pretrained_bank` freezes,
+        what a compact checkpoint leaves out and what its checksum covers.
         """
-        adafilter = self.base_model
-        prefix = "" if adafilter is self else f"{self.base_model_prefix}."
-        return {prefix + key: name for key, name in adafilter._frozen_backbone_parameters().items()}
+        prefix = f"{self.base_model_prefix}."
+        return {prefix + key: name for key, name in self.base_model.frozen_parameter_names().items()}
 
     def freeze_pretrained_bank(self) -> None:
-        """Trainable: fine-tuned bank, norms, gate network, head. Frozen: pre-trained bank and ungated filters."""
-        for module in self.modules():
-            if isinstance(module, AdaFilterModel):
-                module.apply_trainability()
+        """Applies the rule: frozen exactly `frozen_parameter_names()`; the fine-tuned bank, norms, gate network and
+        head train. Called where a model is built or loaded (transformers recreates parameters on load)."""
+        frozen = self.frozen_parameter_names()
+        for name, parameter in self.named_parameters():
+            parameter.requires_grad_(name not in frozen)
 
 
 class AdaFilterModel(AdaFilterPreTrainedModel):
@@ -151,7 +152,7 @@ class AdaFilterModel(AdaFilterPreTrainedModel):
             self._gated[target.name] = layer
         self.num_features = self.family.feature_size(self.backbone)
         self.post_init()
-        self.apply_trainability()
+        self.freeze_pretrained_bank()
         apply_gated_implementation(self, config.gated_implementation)
 
     def set_gated_implementation(self, name: str) -> None:
@@ -195,7 +196,7 @@ class AdaFilterModel(AdaFilterPreTrainedModel):
     def gate_parameters(self) -> Iterator[nn.Parameter]:
         return self.gate_controller.parameters()
 
-    def _frozen_backbone_parameters(self) -> dict[str, str]:
+    def frozen_parameter_names(self) -> dict[str, str]:
         """The trainability rule, written once: frozen are the parameters of non-norm backbone modules outside the
         fine-tuned banks (the pre-trained bank, ungated filters); the fine-tuned bank, every norm, the gate network
         (and a wrapping classifier's head) train. Keys as in this model's state dict -> plain-backbone names."""
@@ -209,12 +210,6 @@ class AdaFilterModel(AdaFilterPreTrainedModel):
                 if not key.startswith(finetuned):
                     frozen[f"backbone.{key}"] = self.backbone_key(key)
         return frozen
-
-    def apply_trainability(self) -> None:
-        """Sets `requires_grad` by the one structural rule of `_frozen_backbone_parameters`."""
-        frozen = self._frozen_backbone_parameters()
-        for name, parameter in self.named_parameters():
-            parameter.requires_grad_(name not in frozen)
 
     @torch.no_grad()
     def sync_finetuned_bank(self) -> None:
@@ -253,7 +248,7 @@ class AdaFilterModel(AdaFilterPreTrainedModel):
     def pretrained_state_dict(self) -> dict[str, torch.Tensor]:
         """The frozen tensors (pre-trained bank and ungated filters) under their plain-backbone names."""
         state = self.state_dict()
-        return {name: state[key] for key, name in self._frozen_backbone_parameters().items()}
+        return {name: state[key] for key, name in self.frozen_parameter_names().items()}
 
     def forward(
         self,

@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassi
 from ..baselines.l2sp import L2SPPenalty
 from ..baselines.lora import apply_lora
 from ..modeling.backbone_sources import resolve_backbone
-from ..modeling.backbones import find_classifier_linear, get_family
+from ..modeling.backbones import find_classifier_linear, get_family, set_batchnorm_momentum
 from ..modeling.modeling_adafilter import AdaFilterForImageClassification
 from .arguments import METHODS, AdaFilterArguments, BaselineArguments
 
@@ -67,7 +67,26 @@ def build_classifier(
     """The model `method` trains, starting from the pretrained backbone (or an AdaFilter checkpoint) at
     `name_or_path`, with a head for `id2label`: a new one where the checkpoint's labels differ, unless
     `ignore_mismatched_sizes=False` (then that is an error). `hub_kwargs` (revision, cache_dir, token,
-    trust_remote_code) reach every download."""
+    trust_remote_code) reach every download. Ready to train: what it trains is trainable and nothing else, every
+    BatchNorm at `adafilter_args.batchnorm_momentum` (for every method; None: the backbone's)."""
+    model = _build_classifier(
+        method, name_or_path, id2label, adafilter_args, baseline_args, ignore_mismatched_sizes, **hub_kwargs
+    )
+    momentum = (adafilter_args or AdaFilterArguments()).batchnorm_momentum
+    return set_batchnorm_momentum(model, momentum) if momentum is not None else model
+
+
+
+def _build_classifier(
+    method: str,
+    name_or_path: str,
+    id2label: dict[int, str],
+    adafilter_args: AdaFilterArguments | None = None,
+    baseline_args: BaselineArguments | None = None,
+    ignore_mismatched_sizes: bool = True,
+    **hub_kwargs,
+) -> nn.Module:
+    """`build_classifier` before the BatchNorm momentum is set."""
     if method not in METHODS:
         raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {method!r}.")
     location = resolve_backbone(name_or_path)

@@ -15,7 +15,6 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from ..metrics.gate_statistics import filter_weighted_mean
-from ..modeling.backbones import set_batchnorm_momentum
 from ..modeling.modeling_adafilter import AdaFilterModel, AdaFilterPreTrainedModel
 from .arguments import AdaFilterArguments
 from .hub_outputs import HubOutputsMixin
@@ -29,8 +28,6 @@ def _adafilter(model: nn.Module | None) -> AdaFilterModel | None:
     while model is not None and not isinstance(model, AdaFilterPreTrainedModel):
         model = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
     return getattr(model, "adafilter", model)
-
-
 
 
 def schedule_progress(step: int, max_steps: int) -> float:
@@ -146,7 +143,8 @@ class GateStatistics:
 
 class AdaFilterTrainer(HubOutputsMixin, Trainer):
     """Cross-entropy plus `gate_regularization_weight * R(gates)`, a separate gate learning rate, Gumbel annealing,
-    and the fine-tuned fraction (overall, per stage) in the logs; the pre-trained bank is re-frozen after any load.
+    and the fine-tuned fraction (overall, per stage) in the logs. The model arrives ready to train (what it trains
+    trainable, its norms' momentum set where it was built): the Trainer changes nothing of it but its weights.
     """
 
     # The loss is a per-batch mean: the Trainer must divide it by the accumulation steps itself.
@@ -165,12 +163,8 @@ class AdaFilterTrainer(HubOutputsMixin, Trainer):
         self.weight_penalty = weight_penalty
         super().__init__(*args, **kwargs)
         self._gate_stats = {"train": GateStatistics(), "eval": GateStatistics()}
-        if self.adafilter_args.batchnorm_momentum is not None:
-            set_batchnorm_momentum(self.model, self.adafilter_args.batchnorm_momentum)
         self.last_eval_gate_fractions: dict[str, float] = {}
-        adafilter = _adafilter(self.model)
-        if adafilter is not None:
-            adafilter.freeze_pretrained_bank()
+        if _adafilter(self.model) is not None:
             self.add_callback(GateScheduleCallback(self.adafilter_args))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -291,18 +285,3 @@ class AdaFilterTrainer(HubOutputsMixin, Trainer):
                 {k: v for k, v in output.metrics.items() if "gates/" not in k and "_per_second" not in k}
             )
         return metrics
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self._refreeze()
-
-    def _load_best_model(self):
-        super()._load_best_model()
-        self._refreeze()
-
-    def _refreeze(self) -> None:
-        adafilter = _adafilter(self.model)
-        if adafilter is not None:
-            adafilter.freeze_pretrained_bank()
-
-
