@@ -76,6 +76,19 @@ def run_args(workspace, output_dir: Path, method: str = "adafilter", *extra: str
     ]  # fmt: skip
 
 
+def test_forced_gates_and_the_static_export_are_scored_beside_the_learned_gates(workspace, tmp_path):
+    test_dir = make_imagefolder(tmp_path / "test", per_class=3, seed=5)
+    args = run_args(workspace, tmp_path / "out", "adafilter", "--test_dir", str(test_dir), "--do_predict",
+                    "--evaluate_forced_gates", "true", "--evaluate_static_export", "true")  # fmt: skip
+    results = run_example.main(args)
+    for split in ("eval", "test"):
+        for variant in ("forced_finetuned", "forced_pretrained", "static"):
+            assert 0.0 <= results[f"{split}_{variant}_accuracy"] <= 1.0
+    assert 0.5 <= results["static_agreement"] <= 1.0  # the majority choice reproduces at least half the decisions
+    baseline = run_example.main(run_args(workspace, tmp_path / "ft", "finetune", "--evaluate_static_export", "true"))
+    assert not any("static" in key for key in baseline)  # nothing to export without gates
+
+
 @pytest.mark.parametrize("method", ["adafilter", "finetune", "linear_probe", "l2sp", "bitfit"])
 def test_each_method_trains_evaluates_and_saves_a_loadable_model(workspace, tmp_path, method):
     output_dir = tmp_path / method

@@ -115,6 +115,8 @@ def test_plan_selects_on_validation_and_touches_test_only_in_final_runs():
             budget.epochs * math.ceil(300 / budget.train_batch_size)
         )
         assert ("--evaluate_forced_gates" in argv) == spec.method.startswith("adafilter")
+        # The static export is scored on final models only: selection runs stay what they were (and resume).
+        assert ("--evaluate_static_export" in argv) == (spec.phase == "final" and spec.method.startswith("adafilter"))
         # The users' defaults, unless the method itself is that setting (SGD's gate LR).
         overrides = {"--gate_learning_rate", "--batchnorm_momentum"} & set(argv)
         assert overrides <= set(METHODS[spec.method])
@@ -216,7 +218,8 @@ def synthetic_runs() -> list[dict]:
                 metrics["train_eval_accuracy"] = 0.99
                 if method == "adafilter":
                     metrics |= {"eval_gates/finetuned_fraction": 0.4, "test_gates/finetuned_fraction": 0.5,
-                                "test_forced_finetuned_accuracy": 0.81, "test_forced_pretrained_accuracy": 0.5}  # fmt: skip
+                                "test_forced_finetuned_accuracy": 0.81, "test_forced_pretrained_accuracy": 0.5,
+                                "test_static_accuracy": 0.8, "static_agreement": 0.95}  # fmt: skip
                 runs.append({"task": task, "method": method, "phase": "final", "seed": seed, "learning_rate": 1e-3,
                              "metrics": metrics, "wall_s": 20.0, "peak_rss_mb": 900.0,
                              "eval_gate_fractions_per_layer": {"l1": 0.0, "l2": 0.5, "l3": 1.0}})  # fmt: skip
@@ -247,7 +250,7 @@ def test_report_states_the_error_difference_and_gate_use(tmp_path):
     text = (tmp_path / "t.md").read_text()
     assert "AdaFilter beats standard fine-tuning" in text and "-3.00" in text and "83.0 ± 1.0" in text
     assert "-3.00 ± 0.00 (seeds: -3.0, -3.0, -3.0)" in text and "| 99.0 |" in text
-    assert "| AdaFilter (LSTM gates, gated BN) | a | 83.0 | 81.0 | 50.0 | yes |" in text
+    assert "| AdaFilter (LSTM gates, gated BN) | a | 83.0 | 81.0 | 50.0 | yes | 80.0 | 95.0% |" in text
     # AdaFilter against each other method, signed AdaFilter minus the method: 3 points fewer errors than fine-tuning.
     versus = report["adafilter_vs"]
     assert set(versus) == {"linear_probe", "finetune"}

@@ -129,6 +129,8 @@ def run_argv(spec: RunSpec, task: Task, budget: Budget, model: str, output_dir: 
         "--dataloader_num_workers", str(budget.dataloader_workers),
         "--seed", str(spec.seed),
         *method_settings(spec.method, budget),
+        # What serving without gates costs, scored once per final model (selection runs need none of it).
+        *(["--evaluate_static_export", "true"] if spec.phase == "final" and spec.method in ADAFILTER_METHODS else []),
     ]  # fmt: skip
 
 

@@ -43,8 +43,11 @@ def gate_section(cells: dict, names: Sequence[str], methods: Sequence[str]) -> l
     lines = ["", "## Do the learned gates help? (AdaFilter variants)", "",
              "Test accuracy (%) of the same trained models with their learned gates, with every gate forced to the "
              "fine-tuned bank (F), and with every gate forced to the pre-trained bank (S); learned gates earn their "
-             "cost only if they beat both. Mean over seeds.", "",
-             "| method | task | learned | all F | all S | learned beats both |", "|---|---|---|---|---|---|"]  # fmt: skip
+             "cost only if they beat both. Static export: the model `export_static` returns (a plain classifier, "
+             "each filter fixed to the bank most of 256 training images chose; serving at the plain backbone's "
+             "cost), and the share of those calibration decisions its fixed choices reproduce. Mean over seeds.", "",
+             "| method | task | learned | all F | all S | learned beats both | static export | calibration agreement |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for method in ada:
         for task in names:
             cell = cells.get(task, {}).get(method)
@@ -53,7 +56,9 @@ def gate_section(cells: dict, names: Sequence[str], methods: Sequence[str]) -> l
             forced = [cell.get(f"forced_{bank}_test_accuracy_mean") for bank in ("finetuned", "pretrained")]
             beats = "–" if None in forced else "yes" if cell["test_accuracy_mean"] > max(forced) else "**no**"
             lines.append(f"| {METHOD_TITLES[method]} | {task} | {percent(cell['test_accuracy_mean'])} | "
-                         f"{shown(forced[0], 100, 1)} | {shown(forced[1], 100, 1)} | {beats} |")  # fmt: skip
+                         f"{shown(forced[0], 100, 1)} | {shown(forced[1], 100, 1)} | {beats} | "
+                         f"{shown(cell.get('static_test_accuracy_mean'), 100, 1)} | "
+                         f"{shown(cell.get('static_agreement'), 100, 1)}{'' if cell.get('static_agreement') is None else '%'} |")  # fmt: skip
     lines += ["", "Gate diagnostics. Fine-tuned fraction: share of filters using F (weighted by filter count) on "
               "validation / test. Example-dependent: share of filters whose decision differs between the images of a "
               "batch (test). Last training steps: share of sampled training decisions equal to the evaluation "

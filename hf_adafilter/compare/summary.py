@@ -145,13 +145,14 @@ def summarize(results: Sequence[dict], tasks: Sequence[str], methods: Sequence[s
                     if all(v is not None for v in values):
                         cell[f"finetuned_fraction_{split}"] = statistics.fmean(values)
                 for split, prefix in (("validation", "eval"), ("test", "test")):
-                    for gates in ("forced_finetuned", "forced_pretrained"):
+                    for gates in ("forced_finetuned", "forced_pretrained", "static"):
                         cell[f"{gates}_{split}_accuracy_mean"] = mean_or_none(
                             [r["metrics"].get(f"{prefix}_{gates}_accuracy") for r in finals]
                         )
                     cell[f"example_dependent_{split}"] = mean_or_none(
                         [r["metrics"].get(f"{prefix}_gates/example_dependent") for r in finals]
                     )
+                cell["static_agreement"] = mean_or_none([r["metrics"].get("static_agreement") for r in finals])
                 last_logs = [r.get("last_train_gate_log") or {} for r in finals]
                 for key in ("train_eval_agreement", "example_dependent", "mean_abs_log_odds"):
                     cell[f"train_{key}"] = mean_or_none([log.get(f"gates/{key}") for log in last_logs])

@@ -117,6 +117,14 @@ class AdaFilterArguments:
             "(two extra passes per evaluated split): the learned gates should beat both."
         },
     )
+    evaluate_static_export: bool = field(
+        default=False,
+        metadata={
+            "help": "Also evaluate the model's static export (`export_static`, calibrated on up to "
+            "256 training images with the evaluation transform): what serving without gates costs in accuracy "
+            "(`{split}_static_accuracy`, `static_agreement`)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.gate_regularization not in GATE_REGULARIZERS:

@@ -221,6 +221,8 @@ def train_and_evaluate(
         metrics = trainer.evaluate()
         if adafilter_args.evaluate_forced_gates:
             metrics |= trainer.evaluate_forced_gates(eval_dataset, metric_key_prefix="eval")
+        if adafilter_args.evaluate_static_export:
+            metrics |= trainer.evaluate_static_export(eval_dataset, calibration(data, eval_transform), "eval")
         if data_args.evaluate_train_split:
             train_images = data.require("train").with_transform(eval_transform)
             metrics |= trainer.predict(train_images, metric_key_prefix="train_eval").metrics
@@ -236,6 +238,8 @@ def train_and_evaluate(
             save_predictions(prediction, data.id2label, training_args.output_dir)
         if adafilter_args.evaluate_forced_gates:
             metrics |= trainer.evaluate_forced_gates(test_dataset, metric_key_prefix="test")
+        if adafilter_args.evaluate_static_export:
+            metrics |= trainer.evaluate_static_export(test_dataset, calibration(data, eval_transform), "test")
         trainer.log_metrics("test", metrics)
         trainer.save_metrics("test", metrics)
         results.update(metrics)
@@ -250,6 +254,12 @@ def train_and_evaluate(
         )
     shut_down_distributed(trainer)
     return results
+
+
+def calibration(data, eval_transform, images: int = 256):
+    """The static export's calibration images: the first `images` of train, as evaluation sees them."""
+    train = data.require("train")
+    return train.select(range(min(images, len(train)))).with_transform(eval_transform)
 
 
 def save_predictions(prediction, id2label: dict[int, str], output_dir: str) -> None:
