@@ -42,6 +42,22 @@ TINY_BACKBONE_CONFIGS = {
     "bit": lambda: transformers.BitConfig(
         embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_groups=2
     ),
+    # Vision transformers: gated MLP linears on (batch, tokens, features), LayerNorm, class-token heads.
+    "vit": lambda: transformers.ViTConfig(
+        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, image_size=32, patch_size=8
+    ),
+    # A distillation token beside the class token.
+    "deit": lambda: transformers.DeiTConfig(
+        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, image_size=32, patch_size=8
+    ),
+    # Layer scale; the head reads the class token and the mean patch token.
+    "dinov2": lambda: transformers.Dinov2Config(
+        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=32, patch_size=8
+    ),
+    # Shifted windows, patch merging between stages, a mean-pooled head.
+    "swin": lambda: transformers.SwinConfig(
+        embed_dim=8, depths=[1, 2], num_heads=[1, 2], window_size=2, image_size=32, patch_size=4
+    ),
 }
 FAMILIES = tuple(TINY_BACKBONE_CONFIGS)
 IMAGE_SIZE = 32

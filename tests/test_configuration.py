@@ -58,8 +58,8 @@ def test_json_round_trip_is_exact_for_every_family(family, tmp_path):
         ({"target_modules": "conv("}, r"target_modules has an invalid regex 'conv\('"),
         ({"exclude_modules": [3]}, r"exclude_modules must be a regex string or a list of them"),
         (
-            {"backbone_config": {"model_type": "vit"}},
-            r"model_type 'vit'.*Supported backbone families: resnet",
+            {"backbone_config": {"model_type": "poolformer"}},
+            r"model_type 'poolformer'.*Supported backbone families: resnet",
         ),
         ({"backbone_config": {"depths": [1]}}, r"backbone_config needs a `model_type` key"),
         ({"backbone": "microsoft/resnet-50"}, r"does not take `backbone=`.*from_backbone"),

@@ -12,6 +12,7 @@ from conftest import FAMILIES, perturb_finetuned_bank, pixel_batch, random_backb
 from PIL import Image
 
 from hf_adafilter import AdaFilterConfig, AdaFilterForImageClassification
+from hf_adafilter.modeling.backbones import get_family
 from hf_adafilter.modeling.layers import GatedLayer
 
 TOLERANCE = 1e-5
@@ -26,7 +27,8 @@ def pooled(model: AdaFilterForImageClassification, pixels: torch.Tensor) -> torc
 
 
 def backbone_pooled(backbone: transformers.PreTrainedModel, pixels: torch.Tensor) -> torch.Tensor:
-    return backbone(pixels).pooler_output.flatten(1)
+    """What the family's own classifier head reads of the plain backbone."""
+    return get_family(backbone.config.model_type).pool(backbone(pixels))
 
 
 def test_gates_forced_to_zero_reproduce_the_backbone(family):
@@ -259,20 +261,13 @@ def test_labels_out_of_range_are_a_clear_error():
 
 
 def test_unsupported_backbone_lists_the_supported_families():
-    with pytest.raises(ValueError, match="Supported backbone families: resnet, efficientnet, convnext"):
-        AdaFilterConfig(backbone_config={"model_type": "vit"})
-    vit = transformers.ViTModel(
-        transformers.ViTConfig(
-            hidden_size=8,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=8,
-            image_size=8,
-            patch_size=4,
-        )
+    with pytest.raises(ValueError, match="Supported backbone families: resnet, efficientnet, convnext.*vit, deit"):
+        AdaFilterConfig(backbone_config={"model_type": "poolformer"})
+    poolformer = transformers.PoolFormerModel(
+        transformers.PoolFormerConfig(hidden_sizes=[8, 16], depths=[1, 1], num_encoder_blocks=2)
     )
-    with pytest.raises(ValueError, match="'vit' is not supported.*resnet"):
-        AdaFilterForImageClassification.from_backbone(vit, num_labels=2)
+    with pytest.raises(ValueError, match="'poolformer' is not supported.*resnet"):
+        AdaFilterForImageClassification.from_backbone(poolformer, num_labels=2)
     with pytest.raises(ValueError, match="no classification head"):
         AdaFilterForImageClassification.from_backbone(random_backbone("resnet"))
 
@@ -312,7 +307,12 @@ def test_input_of_another_float_dtype_is_cast_and_integer_pixels_are_refused():
 
 @pytest.mark.parametrize("family_name", FAMILIES)
 def test_an_empty_batch_gives_an_empty_output_in_training_and_evaluation(family_name):
-    model = adafilter_from(random_backbone(family_name))
+    backbone = random_backbone(family_name)
+    try:
+        backbone(torch.zeros(0, 3, 32, 32))
+    except RuntimeError:
+        pytest.skip(f"transformers' {family_name} backbone itself cannot run an empty batch")
+    model = adafilter_from(backbone)
     for mode in (True, False):
         output = model.train(mode)(torch.zeros(0, 3, 32, 32), labels=None)
         assert output.logits.shape == (0, 5)
@@ -473,3 +473,21 @@ def test_a_backbone_path_that_does_not_exist_is_named_as_such(tmp_path):
     a_file.write_bytes(b"")
     with pytest.raises(OSError, match=r"a file, not a folder"):
         AdaFilterForImageClassification.from_backbone(str(a_file))
+
+
+@pytest.mark.parametrize("family_name", ["vit", "deit", "dinov2", "swin"])
+def test_a_vision_transformer_gates_its_mlp_by_default_and_attention_when_asked(family_name):
+    backbone = random_backbone(family_name)
+    default = adafilter_from(backbone)
+    assert default.gated_layer_names and all(".mlp.fc" in name for name in default.gated_layer_names)
+    everything = adafilter_from(backbone, target_modules=r".*\.attention\.[qkvo]_proj|.*\.mlp\.fc[12]")
+    names = everything.gated_layer_names
+    assert {name.rpartition(".")[2] for name in names} == {"q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"}
+    pixels = pixel_batch()
+    perturb_finetuned_bank(everything)
+    with torch.no_grad():
+        expected = backbone_pooled(backbone, pixels)
+        with everything.forced_gates(0.0):  # the pre-trained bank everywhere is the backbone, attention included
+            assert (pooled(everything.eval(), pixels) - expected).abs().max() < TOLERANCE
+        with everything.forced_gates(1.0):
+            assert (pooled(everything, pixels) - expected).abs().max() > TOLERANCE

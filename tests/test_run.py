@@ -125,6 +125,33 @@ def test_each_method_trains_evaluates_and_saves_a_loadable_model(workspace, tmp_
         assert all(unchanged) if method == "linear_probe" else not all(unchanged)
 
 
+@pytest.fixture(scope="module")
+def vit_backbone(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("vit") / "backbone"
+    torch.manual_seed(0)
+    transformers.ViTForImageClassification(tiny_backbone_config("vit")).save_pretrained(folder)
+    transformers.ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_a_tiny_vision_transformer_trains_end_to_end_with_every_method(workspace, vit_backbone, tmp_path, method):
+    if method == "lora":
+        pytest.importorskip("peft", reason="pip install 'hf_adafilter[baselines]'")
+    args = run_args(workspace, tmp_path / method, method)
+    args[args.index("--model_name_or_path") + 1] = str(vit_backbone)
+    results = run_example.main(args)
+    assert 0.0 <= results["eval_accuracy"] <= 1.0
+    model = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / method).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).logits.shape == (2, 2)
+    if method == "adafilter":
+        assert model.gated_layer_names == [f"layers.{i}.mlp.fc{j}" for i in range(2) for j in (1, 2)]
+        backbone = transformers.AutoModel.from_pretrained(vit_backbone).state_dict()
+        frozen = model.adafilter.pretrained_state_dict()
+        assert frozen and all(torch.equal(tensor, backbone[key]) for key, tensor in frozen.items())
+
+
 def test_resume_continues_from_the_saved_step(workspace, tmp_path, monkeypatch):
     args = ("--save_strategy", "steps", "--save_steps", "2", "--max_steps", "6")
     straight = tmp_path / "straight"

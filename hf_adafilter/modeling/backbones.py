@@ -37,6 +37,12 @@ class BackboneFamily:
     prepare: Callable[[nn.Module], None] = lambda backbone: None
     # Stage ("stage1", ..., "head") of a module, for per-stage statistics like the paper's analysis.
     stage_of: Callable[[str, object], str] = lambda name, config: _stage_from_stages_index(name)
+    # The classifier class transformers' Auto classes build for the family, where its `model_type` maps to several.
+    classifier_architecture: str | None = None
+    # Tensors of a source backbone that `prepare` leaves no place for (regexes, full match): ignored when loading.
+    dropped_tensors: tuple[str, ...] = ()
+    # The features the family's own classifier head reads, from the backbone's output.
+    pool: Callable[[object], torch.Tensor] = lambda outputs: outputs.pooler_output.flatten(1)
     # Conv classes (by name) whose forward standardises the weight (per filter, with the module's `eps` and `pad`)
     # before `F.conv2d`: the fast paths replicate that.
     weight_standardized_convs: tuple[str, ...] = ()
@@ -72,6 +78,39 @@ _MOBILENET_V2_STAGE_BLOCKS = (2, 3, 4, 3, 3, 1)
 
 def _mobilenet_v2_stage(name: str, config) -> str:
     return _stage_from_block_counts(_MOBILENET_V2_STAGE_BLOCKS, r"^layer\.(\d+)\.", first_stage=2)(name)
+
+
+def _block_stage(pattern: str) -> Callable[[str, object], str]:
+    """Stage = block index + 1 (a vision transformer's blocks are its stages for the per-stage statistics)."""
+
+    def stage_of(name: str, config) -> str:
+        match = re.search(pattern, name)
+        return f"stage{int(match.group(1)) + 1}" if match else ("stem" if "embeddings" in name else "head")
+
+    return stage_of
+
+
+def _class_token(outputs) -> torch.Tensor:
+    """ViT's and DeiT's classifiers read the (final-norm) class token."""
+    return outputs.last_hidden_state[:, 0]
+
+
+def _class_and_mean_patch_tokens(outputs) -> torch.Tensor:
+    """DINOv2's classifier reads the class token beside the mean of the patch tokens."""
+    tokens = outputs.last_hidden_state
+    return torch.cat([tokens[:, 0], tokens[:, 1:].mean(dim=1)], dim=1)
+
+
+def _drop_unused_pooler(model: nn.Module) -> None:
+    """ViT's and DeiT's backbones build a pooler (dense + tanh on the class token) that their classifiers never
+    read and pretrained classifiers do not carry: without it, nothing random or unused is left in the model."""
+    for module in model.modules():
+        if type(module).__name__ in ("ViTModel", "DeiTModel"):
+            module.pooler = None
+
+
+# A vision transformer's gated layers by default: its MLP linears (attention projections behind target_modules).
+_TRANSFORMER_EXCLUDE = (r"embeddings\..*", r".*\.attention\..*")
 
 
 def set_batchnorm_momentum(model: nn.Module, momentum: float | None) -> nn.Module:
@@ -173,6 +212,36 @@ FAMILIES: dict[str, BackboneFamily] = {
             model_type="bit",
             default_exclude=(r"embedder\..*",),
             weight_standardized_convs=("WeightStandardizedConv2d",),
+        ),
+        *(
+            BackboneFamily(
+                model_type=model_type,
+                default_exclude=_TRANSFORMER_EXCLUDE,
+                gate_linear=True,
+                feature_size=lambda backbone: backbone.config.hidden_size,
+                prepare=_drop_unused_pooler,
+                dropped_tensors=(r"pooler\..*",),
+                stage_of=_block_stage(r"layers\.(\d+)\."),
+                pool=_class_token,
+                classifier_architecture=architecture,
+            )
+            # DeiT's distilled classifier (with teacher) averages two heads; the plain one reads the class token.
+            for model_type, architecture in (("vit", None), ("deit", "DeiTForImageClassification"))
+        ),
+        BackboneFamily(
+            model_type="dinov2",
+            default_exclude=_TRANSFORMER_EXCLUDE,
+            gate_linear=True,
+            feature_size=lambda backbone: 2 * backbone.config.hidden_size,
+            stage_of=_block_stage(r"encoder\.layer\.(\d+)\."),
+            pool=_class_and_mean_patch_tokens,
+        ),
+        BackboneFamily(
+            model_type="swin",
+            default_exclude=(*_TRANSFORMER_EXCLUDE, r".*\.downsample\..*"),
+            gate_linear=True,
+            feature_size=lambda backbone: backbone.num_features,
+            stage_of=_block_stage(r"encoder\.layers\.(\d+)\."),
         ),
     )
 }

@@ -52,6 +52,8 @@ def plain_classifier(model, choices: Mapping[str, torch.Tensor]) -> PreTrainedMo
             state[adafilter.backbone_key(key)] = tensor.detach().clone()
     config = copy.deepcopy(model.config.backbone_config)
     config.id2label, config.label2id = dict(model.config.id2label), dict(model.config.label2id)
+    if adafilter.family.classifier_architecture is not None:
+        config.architectures = [adafilter.family.classifier_architecture]
     plain = AutoModelForImageClassification.from_config(config)
     plain.base_model.load_state_dict(state, strict=True)
     head = find_classifier_linear(getattr(plain, "classifier", None))

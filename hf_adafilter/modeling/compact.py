@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 from transformers.utils import cached_file
 
 from .backbone_sources import backbone_kind, resolve_packaged
@@ -262,6 +264,22 @@ def check_base(
         )
 
 
+def model_keys(model: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` as saved by transformers' `save_pretrained` (which writes some families' checkpoint names, e.g.
+    ViT's `encoder.layer.N.intermediate.dense`) under the model's own module names (`layers.N.mlp.fc1`), renamed by
+    transformers' own conversion mapping for the model."""
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    if not transforms:
+        return tensors
+    state = model.state_dict()
+    return {
+        rename_source_key(key, renamings, converters, None, state)[0]: tensor
+        for key, tensor in tensors.items()
+    }
+
+
 def assemble_state_dict(
     path: str | os.PathLike,
     skeleton: Any,
@@ -279,6 +297,7 @@ def assemble_state_dict(
     if skeleton.base_model is skeleton and any(key.startswith(prefix) for key in trained):
         # The base model alone (AutoModel) from a classifier checkpoint: drop the head, as transformers does.
         trained = {key[len(prefix) :]: tensor for key, tensor in trained.items() if key.startswith(prefix)}
+    trained = model_keys(skeleton, trained)
     expected = set(skeleton.state_dict()) - set(frozen)
     missing, unexpected = sorted(expected - set(trained)), sorted(set(trained) - expected)
     if missing or unexpected:

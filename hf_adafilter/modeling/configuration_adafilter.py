@@ -193,8 +193,8 @@ MAX_BLOCKS = 1_000  # blocks of the backbone (the sum of its per-stage depths)
 MAX_COEFFICIENT = 16.0  # EfficientNet's width / depth coefficients, MobileNetV2's depth multiplier
 ALLOW_LARGE_CONFIGS = "HF_ADAFILTER_ALLOW_LARGE_CONFIGS"
 _WIDTH_KEYS = ("hidden_sizes", "hidden_size", "hidden_dim", "embedding_size", "in_channels", "out_channels",
-               "groups_width", "num_channels")
-_BLOCK_KEYS = ("depths", "num_block_repeats")
+               "groups_width", "num_channels", "intermediate_size", "embed_dim")
+_BLOCK_KEYS = ("depths", "num_block_repeats", "num_hidden_layers")
 _COEFFICIENT_KEYS = ("width_coefficient", "depth_coefficient", "depth_multiplier")
 
 

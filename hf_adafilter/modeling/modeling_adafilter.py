@@ -6,6 +6,7 @@ Travels to the Hub as remote code: relative imports only, nothing beyond torch, 
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -102,6 +103,15 @@ class AdaFilterPreTrainedModel(AdaFilterCheckpointMixin, PreTrainedModel):
         """
         prefix = f"{self.base_model_prefix}."
         return {prefix + key: name for key, name in self.base_model.frozen_parameter_names().items()}
+
+    def _set_gradient_checkpointing(self, *args, **kwargs) -> None:
+        """transformers' `activation_checkpointing_enable`, for the gated layers only: they recompute their banks
+        in backward, not their gates; a backbone block recomputed whole would step the gate network again,
+        outside the forward."""
+        super()._set_gradient_checkpointing(*args, **kwargs)
+        for module in self.modules():
+            if hasattr(module, "gradient_checkpointing") and not isinstance(module, GatedLayer):
+                module.gradient_checkpointing = False
 
     def freeze_pretrained_bank(self) -> None:
         """Applies the rule: frozen exactly `frozen_parameter_names()`; the fine-tuned bank, norms, gate network and
@@ -241,6 +251,7 @@ class AdaFilterModel(AdaFilterPreTrainedModel):
                 raise KeyError(f"Backbone checkpoint has no tensor {source_key!r} (needed for {key!r}).")
             expanded[key] = state_dict[source_key]
         unused = set(state_dict) - {self.backbone_key(key) for key in own}
+        unused = {key for key in unused if not any(re.fullmatch(p, key) for p in self.family.dropped_tensors)}
         if unused:
             raise KeyError(f"Backbone checkpoint tensors with no place in the model: {sorted(unused)[:5]}.")
         self.backbone.load_state_dict(expanded, strict=True)
@@ -271,7 +282,7 @@ class AdaFilterModel(AdaFilterPreTrainedModel):
         finally:
             deactivate_gate_forward(token)
         gates, gate_probs = state.collect(self.gated_layer_names)
-        pooled = outputs.pooler_output.flatten(1)
+        pooled = self.family.pool(outputs)
         output = AdaFilterModelOutput(
             last_hidden_state=outputs.last_hidden_state,
             pooler_output=pooled,
