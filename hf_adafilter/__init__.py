@@ -12,11 +12,10 @@ from .modeling.checkpointing import MODEL_CARD_WRITERS
 from .modeling.configuration_adafilter import AdaFilterConfig
 from .modeling.modeling_adafilter import (
     AdaFilterForImageClassification,
-    AdaFilterImageClassifierOutput,
     AdaFilterModel,
-    AdaFilterModelOutput,
     AdaFilterPreTrainedModel,
 )
+from .modeling.outputs import AdaFilterImageClassifierOutput, AdaFilterModelOutput
 from .packaged.pretrained import is_packaged_backbone, packaged_backbone_path, resolve_packaged_backbone
 
 __version__ = "0.1.0"

@@ -79,6 +79,7 @@ REMOTE_CODE_FILES = (
     "bank_export.py",
     "inputs.py",
     "family_names.py",
+    "outputs.py",
 )
 
 

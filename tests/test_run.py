@@ -359,15 +359,14 @@ def test_remote_code_and_mismatched_sizes_flags_are_hf_style(tmp_path):
 def test_bad_column_and_unsupported_backbone_are_clear_errors(workspace, tmp_path):
     with pytest.raises(DataError, match="photo"):
         run_example.main(run_args(workspace, tmp_path / "a", "adafilter", "--image_column_name", "photo"))
-    vit = tmp_path / "vit"
-    transformers.ViTForImageClassification(
-        transformers.ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
-                               image_size=32, patch_size=8)
-    ).save_pretrained(vit)  # fmt: skip
-    transformers.ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(vit)
+    poolformer = tmp_path / "poolformer"
+    transformers.PoolFormerForImageClassification(
+        transformers.PoolFormerConfig(hidden_sizes=[8, 16], depths=[1, 1], num_encoder_blocks=2)
+    ).save_pretrained(poolformer)
+    transformers.PoolFormerImageProcessorPil(size={"shortest_edge": 32}).save_pretrained(poolformer)
     args = run_args(workspace, tmp_path / "b", "finetune")
-    args[args.index("--model_name_or_path") + 1] = str(vit)
-    with pytest.raises(ValueError, match="'vit' is not supported.*resnet, efficientnet"):
+    args[args.index("--model_name_or_path") + 1] = str(poolformer)
+    with pytest.raises(ValueError, match="'poolformer' is not supported.*resnet, efficientnet"):
         run_example.main(args)
 
 

@@ -1,4 +1,4 @@
-"""AdaFilter models: a transformers CNN backbone whose selected layers are gated filter layers.
+"""AdaFilter models: a transformers vision backbone whose selected layers are gated filter layers.
 
 Travels to the Hub as remote code: relative imports only, nothing beyond torch, transformers.
 """
@@ -8,16 +8,11 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import (
-    BaseModelOutputWithPoolingAndNoAttention,
-    ImageClassifierOutputWithNoAttention,
-)
 
 from .backbones import BackboneFamily, find_gate_targets, get_family, weight_standardization_eps
 from .bank_export import plain_classifier_of_bank, static_classifier
@@ -27,35 +22,9 @@ from .from_backbone import wrap_backbone
 from .gating import GateController, activate_gate_forward, deactivate_gate_forward
 from .inputs import check_labels, check_pixel_values
 from .layers import GatedLayer, apply_gated_implementation
+from .outputs import AdaFilterImageClassifierOutput, AdaFilterModelOutput
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-
-
-@dataclass
-class AdaFilterModelOutput(BaseModelOutputWithPoolingAndNoAttention):
-    r"""
-    gates (`tuple(torch.FloatTensor)`):
-        One tensor of shape `(batch_size, out_channels)` per gated layer (in `model.gated_layer_names` order): 1.0
-        where the example used the fine-tuned filter, 0.0 where it used the pre-trained one.
-    gate_probs (`tuple(torch.FloatTensor)`, *optional*, returned in training):
-        The gate network's probability of choosing the fine-tuned filter, same shapes as `gates`.
-    """
-
-    gates: tuple[torch.FloatTensor, ...] | None = None
-    gate_probs: tuple[torch.FloatTensor, ...] | None = None
-
-
-@dataclass
-class AdaFilterImageClassifierOutput(ImageClassifierOutputWithNoAttention):
-    r"""
-    gates (`tuple(torch.FloatTensor)`):
-        One tensor of shape `(batch_size, out_channels)` per gated layer: 1.0 = fine-tuned filter, 0.0 = pre-trained.
-    gate_probs (`tuple(torch.FloatTensor)`, *optional*, returned in training):
-        The gate network's probability of choosing the fine-tuned filter, same shapes as `gates`.
-    """
-
-    gates: tuple[torch.FloatTensor, ...] | None = None
-    gate_probs: tuple[torch.FloatTensor, ...] | None = None
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -95,12 +64,9 @@ class AdaFilterPreTrainedModel(AdaFilterCheckpointMixin, PreTrainedModel):
                     init.constant_(head.bias, self.config.gate_init_log_odds)
 
     def frozen_parameter_names(self) -> dict[str, str]:
-        """The trainability rule, written once (in `AdaFilterModel.frozen_parameter_names`): state-dict key ->
-        plain-backbone name of every frozen parameter (pre-trained bank, ungated filters).
-
-        Decided by structure, not by the current `requires_grad`: this is what `freeze_pretrained_bank` freezes,
-        what a compact checkpoint leaves out and what its checksum covers.
-        """
+        """The trainability rule (written in `AdaFilterModel.frozen_parameter_names`): state-dict key -> plain-backbone
+        name of every frozen parameter, by structure, not `requires_grad`. What `freeze_pretrained_bank` freezes and
+        a compact checkpoint leaves out and checksums."""
         prefix = f"{self.base_model_prefix}."
         return {prefix + key: name for key, name in self.base_model.frozen_parameter_names().items()}
 
