@@ -90,7 +90,8 @@ def test_a_comparison_on_image_folders_writes_the_table_and_resumes(user_data, t
     cell = payload["cells"]["photos"]["adafilter"]
     assert cell["splits"] == 2 and len(cell["paired_ci95"]) == 2
     text = (output_dir / "compare.md").read_text()
-    assert "AdaFilter" in text and "paired per-seed Δ, 95% CI" in text and "hf-adafilter-compare" in text
+    assert text.startswith("# Which method on photos?") and "paired per-seed Δ, 95% CI" in text
+    assert "hf-adafilter-compare" in text and "static export" in text
     assert json.loads((output_dir / "compare.json").read_text())["meta"]["test_evaluations"] == 4
     assert (output_dir / "compare.png").read_bytes()[:4] == b"\x89PNG"
     # A rerun without --resume would replace the report: refused, naming both ways on.

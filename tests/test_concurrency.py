@@ -69,6 +69,12 @@ def cpu_replicate(model: torch.nn.Module, copies: int) -> list[torch.nn.Module]:
     return [replica[0] for replica in replicas]
 
 
+def assert_same_outputs(outputs: list, expected) -> None:
+    for output in outputs:
+        torch.testing.assert_close(output.logits, expected.logits, rtol=1e-5, atol=1e-6)
+        assert all(torch.equal(a, b) for a, b in zip(output.gates, expected.gates, strict=True))
+
+
 def test_two_threads_on_one_model_get_the_sequential_answers():
     model = trained_looking_model(dtype=torch.float32)
     batches = [pixel_batch(8, seed=1), pixel_batch(5, seed=2)]
@@ -79,9 +85,7 @@ def test_two_threads_on_one_model_get_the_sequential_answers():
             return [model(batch) for _ in range(15)]
 
         for index, outputs in enumerate(in_threads(call_repeatedly, batches)):
-            for output in outputs:
-                torch.testing.assert_close(output.logits, expected[index].logits, rtol=1e-5, atol=1e-6)
-                assert all(torch.equal(a, b) for a, b in zip(output.gates, expected[index].gates, strict=True))
+            assert_same_outputs(outputs, expected[index])
 
 
 def test_a_compiled_model_from_two_threads_gets_the_sequential_answers():
@@ -98,9 +102,7 @@ def test_a_compiled_model_from_two_threads_gets_the_sequential_answers():
                 return [compiled(batch) for _ in range(10)]
 
             for index, outputs in enumerate(in_threads(call_repeatedly, batches)):
-                for output in outputs:
-                    torch.testing.assert_close(output.logits, expected[index].logits, rtol=1e-5, atol=1e-6)
-                    assert all(torch.equal(a, b) for a, b in zip(output.gates, expected[index].gates, strict=True))
+                assert_same_outputs(outputs, expected[index])
     finally:
         torch._dynamo.reset()  # later compiles start from scratch
 

@@ -190,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.dry_run:
         print_plan(plan_runs([task], args.methods, budget), budget, [task])
         return {}
-    meta = {"command": "hf-adafilter-compare " + shlex.join(argv)}
+    meta = {"command": "hf-adafilter-compare " + shlex.join(argv), "title": f"Which method on {task.name}?"}
     return run_comparison(args, budget, [task], args.output_dir / "runs", args.output_dir / REPORT_NAME, meta)
 
 

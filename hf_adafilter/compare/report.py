@@ -80,7 +80,7 @@ def write_markdown(
     cells, differences = report["cells"], report["differences"]
     names = [t.name for t in tasks]
     quick = meta.get("preset") == "quick"
-    lines = [f"# Transfer benchmark{' (QUICK SMOKE RUN: not a result)' if quick else ''}", ""]
+    lines = [f"# {meta.get('title', 'Transfer benchmark')}{' (QUICK SMOKE RUN: not a result)' if quick else ''}", ""]
     if quick:
         lines += ["> Produced by `--quick`: tiny subsets, a few steps, one seed. It checks that the pipeline runs; "
                   "its numbers say nothing about AdaFilter.", ""]  # fmt: skip

@@ -69,23 +69,15 @@ def build_classifier(
     `ignore_mismatched_sizes=False` (then that is an error). `hub_kwargs` (revision, cache_dir, token,
     trust_remote_code) reach every download. Ready to train: what it trains is trainable and nothing else, every
     BatchNorm at `adafilter_args.batchnorm_momentum` (for every method; None: the backbone's)."""
-    model = _build_classifier(
-        method, name_or_path, id2label, adafilter_args, baseline_args, ignore_mismatched_sizes, **hub_kwargs
-    )
-    momentum = (adafilter_args or AdaFilterArguments()).batchnorm_momentum
+    adafilter_args = adafilter_args or AdaFilterArguments()
+    model = _build_classifier(method, name_or_path, id2label, adafilter_args, baseline_args, ignore_mismatched_sizes,
+                              hub_kwargs)  # fmt: skip
+    momentum = adafilter_args.batchnorm_momentum
     return set_batchnorm_momentum(model, momentum) if momentum is not None else model
 
 
-
-def _build_classifier(
-    method: str,
-    name_or_path: str,
-    id2label: dict[int, str],
-    adafilter_args: AdaFilterArguments | None = None,
-    baseline_args: BaselineArguments | None = None,
-    ignore_mismatched_sizes: bool = True,
-    **hub_kwargs,
-) -> nn.Module:
+def _build_classifier(method, name_or_path, id2label, adafilter_args, baseline_args, ignore_mismatched_sizes,
+                      hub_kwargs: dict) -> nn.Module:  # fmt: skip
     """`build_classifier` before the BatchNorm momentum is set."""
     if method not in METHODS:
         raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {method!r}.")
@@ -110,7 +102,7 @@ def _build_classifier(
         )
     get_family(config.model_type)  # a clear error for unsupported backbones, for every method alike
     if method == "adafilter":
-        overrides = (adafilter_args or AdaFilterArguments()).model_overrides()
+        overrides = adafilter_args.model_overrides()
         downloads = {key: hub_kwargs.get(key) for key in ("revision", "cache_dir", "token")}
         model = AdaFilterForImageClassification.from_backbone(
             name_or_path, id2label=id2label, **downloads, **overrides
