@@ -57,6 +57,8 @@ def test_bad_requests_name_the_fix(user_data, tmp_path, monkeypatch):
         cli.parse_args([])
     with pytest.raises(SystemExit):  # an abbreviation is not a flag
         cli.parse_args(["--train_d", "x"])
+    with pytest.raises(SystemExit, match="no such folder"):
+        cli.main([*compare_args(user_data, tmp_path / "out"), "--model_name_or_path", str(tmp_path / "absent")])
     monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(SystemExit, match=r"pip install 'hf_adafilter\[baselines\]'"):
         cli.main(compare_args(user_data, tmp_path / "out", "--methods", "lora"))

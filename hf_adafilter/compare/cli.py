@@ -24,6 +24,7 @@ from pathlib import Path
 from ..data.errors import DataError
 from ..data.loading import load_image_classification_data
 from ..data.transforms import Augmentation
+from ..modeling.backbone_sources import backbone_kind
 from ..training.arguments import DataTrainingArguments
 from .methods import LEARNING_RATE_GRIDS, METHOD_TITLES, METHODS, SHARED_LEARNING_RATE
 from .plan import Budget, Task, plan_runs
@@ -167,6 +168,13 @@ def check_methods(methods: Sequence[str]) -> None:
             raise SystemExit(f"error: {METHOD_TITLES[method]} needs {package}: {install}")
 
 
+def check_backbone(name: str) -> None:
+    """A backbone that is neither a folder, a packaged alias nor a Hub id fails here, not in the first run."""
+    if backbone_kind(name) is None:
+        raise SystemExit(f"error: --model_name_or_path {name!r}: no such folder, and neither a packaged alias "
+                         "(efficientnet-lite0) nor a Hub model id")  # fmt: skip
+
+
 def check_output_dir(args: argparse.Namespace) -> None:
     """An earlier comparison's report is replaced only when asked (or extended with --resume)."""
     report = args.output_dir / f"{REPORT_NAME}.json"
@@ -179,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     check_methods(args.methods)
+    check_backbone(args.model_name_or_path)
     check_output_dir(args)
     if args.threads:
         os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))

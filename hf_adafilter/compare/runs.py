@@ -39,14 +39,7 @@ def execute(spec: RunSpec, task: Task, budget: Budget, args: SuiteOptions, work_
     run_dir.mkdir(parents=True)
     argv = run_argv(spec, task, budget, args.model_name_or_path, run_dir / "output")
     result_path, log_path = run_dir / "result.json", run_dir / "log.txt"
-    command = [
-        sys.executable,
-        "-m",
-        "hf_adafilter.compare.worker",
-        str(result_path),
-        str(args.threads or 0),
-        *argv,
-    ]
+    command = [sys.executable, "-m", "hf_adafilter.compare.worker", str(result_path), str(args.threads or 0), *argv]
     env = dict(os.environ, HF_HUB_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false")
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
