@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -84,7 +85,9 @@ def test_the_plan_selects_each_methods_learning_rate_and_keeps_fine_tuning(user_
 def test_a_comparison_on_image_folders_writes_the_table_and_resumes(user_data, tmp_path):
     output_dir = tmp_path / "out"
     args = compare_args(user_data, output_dir, "--learning_rates", "1e-3", "3e-3")
+    threads_before = os.environ.get("OMP_NUM_THREADS")
     payload = cli.main(args)
+    assert os.environ.get("OMP_NUM_THREADS") == threads_before  # --threads is each run's, not this process's
     runs = payload["runs"]
     assert [r["phase"] for r in runs].count("select") == 4 and [r["phase"] for r in runs].count("final") == 4
     finals = [r for r in runs if r["phase"] == "final"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -189,8 +188,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     check_methods(args.methods)
     check_backbone(args.model_name_or_path)
     check_output_dir(args)
-    if args.threads:
-        os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     try:
         task = load_task(args)
     except DataError as error:
