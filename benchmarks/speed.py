@@ -546,16 +546,63 @@ def trained_gates_section(model_dir: Path, settings: Settings) -> list[str]:
             "version": forward(model, "version"),
             "static": forward(variants["static"]),
         }
+        if batch == 1:  # where the time goes: the gate network alone, and the layers without it
+            calls["gate network"] = gate_network_call(model, chunks[0])
+            calls["forced"] = forward(ForcedGates(model, 1.0))
         repeats = settings.infer_repeats * (3 if batch == 1 else 1)
         seconds = time_interleaved(calls, settings.warmup * 2, repeats, settings.device)
         plain = seconds["plain"]
+        if batch == 1:
+            breakdown = (f"Batch 1, where the time goes: the gate network alone ({len(model.gated_layer_names)} "
+                         f"controller steps on an image's pooled inputs) {seconds['gate network'] * 1e3:.1f} ms "
+                         f"({seconds['gate network'] / plain:.2f}x the plain backbone); the model with every gate "
+                         f"forced to F (no gate network, one bank per layer, version check) "
+                         f"{seconds['forced'] * 1e3:.1f} ms ({seconds['forced'] / plain:.2f}x).")  # fmt: skip
         lines.append(
             f"| {batch} | {plain * 1e3:.1f} ms | {seconds['adafilter'] * 1e3:.1f} ms | "
             f"**{seconds['adafilter'] / plain:.2f}x** | {seconds['version'] * 1e3:.1f} ms | "
             f"**{seconds['version'] / plain:.2f}x** | {seconds['static'] * 1e3:.1f} ms | "
             f"**{seconds['static'] / plain:.2f}x** | {share:.1%} |"
         )
-    return lines
+    return [*lines, "", breakdown]
+
+
+class ForcedGates(torch.nn.Module):
+    """`model` called with every gate forced to `value` (and the version check): the cost of the gated layers
+    without the gate network."""
+
+    def __init__(self, model: AdaFilterForImageClassification, value: float) -> None:
+        super().__init__()
+        self.model, self.value = model, value
+
+    def forward(self, pixels: torch.Tensor):
+        with self.model.forced_gates(self.value), folded_weights_check_of(self.model, "version"):
+            return self.model(pixels)
+
+
+def gate_network_call(model: AdaFilterForImageClassification, pixels: torch.Tensor):
+    """A call that runs only the gate network: every controller step on the pooled inputs `pixels` gave."""
+    controller, pooled = model.adafilter.gate_controller, []
+    step = controller.forward
+
+    def recording(index, features, state=None):
+        pooled.append((index, features.detach().clone()))
+        return step(index, features, state)
+
+    controller.forward = recording
+    try:
+        with torch.no_grad():
+            model(pixels)
+    finally:
+        del controller.forward
+
+    def call():
+        state = None
+        with torch.no_grad():
+            for index, features in pooled:
+                _, _, state = controller(index, features, state)
+
+    return call
 
 
 # ----------------------------------------------------------------------------- torch.compile at batch 1

@@ -580,3 +580,4 @@ def test_speed_benchmark_times_a_trained_model_on_real_images(tmp_path):
     assert "validation accuracy on 500 images: learned gates" in lines[2]
     rows = [line for line in lines if line.startswith("| 1 |") or line.startswith("| 32 |")]
     assert len(rows) == 2 and all(row.count("**") == 6 for row in rows)
+    assert lines[-1].startswith("Batch 1, where the time goes: the gate network alone")
