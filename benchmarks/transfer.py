@@ -42,7 +42,7 @@ from hf_adafilter.compare.methods import (
     SGD_GRID,
     SHARED_LEARNING_RATE,
 )
-from hf_adafilter.compare.plan import Budget, Task, plan_runs
+from hf_adafilter.compare.plan import DATA_FLAGS, Budget, Task, data_args, plan_runs
 from hf_adafilter.compare.suite import print_plan, run_comparison
 
 BENCHMARKS = Path(__file__).resolve().parent
@@ -244,7 +244,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "a task of your own (examples/run.py data flags; it needs a test split)"
     )
     custom.add_argument("--task_name", default=None)
-    for flag in CUSTOM_FLAGS:
+    for flag in DATA_FLAGS:
         custom.add_argument(f"--{flag}", default=None)
     args = parser.parse_args(argv)
     args.preset = args.preset or ("quick" if args.quick else "full" if args.full else DEFAULT_PRESET)
@@ -272,20 +272,13 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
     return budget
 
 
-CUSTOM_FLAGS = ("dataset_name", "dataset_config_name", "train_dir", "validation_dir", "test_dir", "image_column_name",
-                "label_column_name", "max_train_samples", "max_eval_samples", "max_predict_samples")  # fmt: skip
-
 
 def custom_task(args: argparse.Namespace) -> Task | None:
     if not (args.dataset_name or args.train_dir):
         return None
     name = args.task_name or Path(args.dataset_name or args.train_dir).name.replace("/", "_")
-    data_args = []
-    for flag in CUSTOM_FLAGS:
-        value = getattr(args, flag)
-        if value is not None:
-            data_args += [f"--{flag}", str(value)]
-    return Task(name=name, data_args=tuple(data_args), record={"source": " ".join(data_args)})
+    flags = data_args(args)
+    return Task(name=name, data_args=flags, record={"source": " ".join(flags)})
 
 
 def resolve_tasks(args: argparse.Namespace, budget: Budget) -> list[Task]:

@@ -20,30 +20,22 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from transformers.hf_argparser import string_to_bool
+
 from ..data.errors import DataError
 from ..data.loading import load_image_classification_data
 from ..data.transforms import Augmentation
 from ..modeling.backbone_sources import backbone_kind
 from ..training.arguments import DataTrainingArguments
 from .methods import LEARNING_RATE_GRIDS, METHOD_TITLES, METHODS, SHARED_LEARNING_RATE
-from .plan import Budget, Task, plan_runs
+from .plan import DATA_FLAGS, Budget, Task, data_args, plan_runs
 from .suite import print_plan, run_comparison
 
 REPORT_NAME = "compare"  # <output_dir>/compare.md, .json, .png
-DATA_FLAGS = ("dataset_name", "dataset_config_name", "train_dir", "validation_dir", "test_dir", "image_column_name",
-              "label_column_name", "max_train_samples", "max_eval_samples", "max_predict_samples")  # fmt: skip
 DEFAULT_METHODS = ("finetune", "adafilter")
 DEFAULT_EPOCHS = 30  # small data: trained to convergence, where fine-tuning fits its training set
 # Methods that need an optional package, and how to install it.
 NEEDS = {"lora": ("peft", "pip install 'hf_adafilter[baselines]'")}
-
-
-def parse_bool(text: str) -> bool:
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -57,7 +49,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for flag in DATA_FLAGS:
         data.add_argument(f"--{flag}", type=int if flag.startswith("max_") else str, default=None)
     data.add_argument("--task_name", default=None, help="the task's name in the report (default: the data's)")
-    data.add_argument("--horizontal_flip", type=parse_bool, default=Augmentation.horizontal_flip,
+    data.add_argument("--horizontal_flip", type=string_to_bool, default=Augmentation.horizontal_flip,
                       help="false for classes a mirror image changes (digits, text)")  # fmt: skip
     parser.add_argument("--model_name_or_path", default="efficientnet-lite0")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(DEFAULT_METHODS),
@@ -144,12 +136,11 @@ def load_task(args: argparse.Namespace) -> Task:
     data.require("train")
     data.require("validation")
     name = args.task_name or task_name(args.dataset_name or args.train_dir)
-    flags = [
-        item for flag in DATA_FLAGS if options[flag] is not None for item in (f"--{flag}", str(options[flag]))
-    ]
+    flags = data_args(args)
     sizes = {split: len(getattr(data, split)) for split in ("train", "validation", "test")}
+    # `sizes` is what a run's --resume key reads of a task's data: a changed folder reruns.
     record = {"source": shlex.join(flags), "sizes_per_split": sizes, "sizes": sizes, "classes": data.labels}
-    return Task(name, tuple(flags), record)
+    return Task(name, flags, record)
 
 
 def task_name(source: str) -> str:

@@ -17,6 +17,16 @@ from pathlib import Path
 
 from .methods import ADAFILTER_METHODS, method_flags
 
+# The training script's flags that load a task of the user's own (the rest of a run's command line is the plan's).
+DATA_FLAGS = ("dataset_name", "dataset_config_name", "train_dir", "validation_dir", "test_dir", "image_column_name",
+              "label_column_name", "max_train_samples", "max_eval_samples", "max_predict_samples")  # fmt: skip
+
+
+def data_args(options: object) -> tuple[str, ...]:
+    """The `DATA_FLAGS` an argparse namespace `options` was given, as training-script flags."""
+    values = {flag: getattr(options, flag) for flag in DATA_FLAGS}
+    return tuple(item for flag, value in values.items() if value is not None for item in (f"--{flag}", str(value)))
+
 
 @dataclass(frozen=True)
 class Budget:
@@ -128,21 +138,23 @@ def run_argv(spec: RunSpec, task: Task, budget: Budget, model: str, output_dir: 
         "--disable_tqdm", "true",
         "--dataloader_num_workers", str(budget.dataloader_workers),
         "--seed", str(spec.seed),
-        *method_settings(spec.method, budget),
-        # What serving without gates costs, scored once per final model (selection runs need none of it).
-        *(["--evaluate_static_export", "true"] if spec.phase == "final" and spec.method in ADAFILTER_METHODS else []),
+        *method_settings(spec, budget),
     ]  # fmt: skip
 
 
-def method_settings(method: str, budget: Budget) -> list[str]:
-    """Gate diagnostics for the AdaFilter variants, and the budget's overrides of the training script's defaults."""
+def method_settings(spec: RunSpec, budget: Budget) -> list[str]:
+    """Gate diagnostics for the AdaFilter variants (and, scored once per final model, what serving without gates
+    costs), and the budget's overrides of the training script's defaults."""
     flags = []
-    if method in ADAFILTER_METHODS:
+    gated = spec.method in ADAFILTER_METHODS
+    if gated:
         flags += ["--evaluate_forced_gates", "true"]
         if budget.gate_learning_rate is not None:
             flags += ["--gate_learning_rate", f"{budget.gate_learning_rate:g}"]
     if budget.batchnorm_momentum is not None:
         flags += ["--batchnorm_momentum", f"{budget.batchnorm_momentum:g}"]
+    if gated and spec.phase == "final":
+        flags += ["--evaluate_static_export", "true"]
     return flags
 
 

@@ -16,20 +16,27 @@ def percent(mean: float, std: float | None = None) -> str:
     return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
 
 
+def method_by_task(cells: dict, names: Sequence[str], methods: Sequence[str], text) -> list[str]:
+    """A method x task table: the header, then a row per method whose cells are `text(method, cell)` (the cell of
+    that task and method, or None where it did not run)."""
+    lines = ["| method | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for method in methods:
+        row = [text(method, cells.get(task, {}).get(method)) for task in names]
+        lines.append(f"| {METHOD_TITLES[method]} | " + " | ".join(row) + " |")
+    return lines
+
+
 def fit_section(cells: dict, names: Sequence[str], methods: Sequence[str]) -> list[str]:
     """Training accuracy next to test accuracy: which methods fit their training set (the regime where
     fine-tuning can overfit) and which underfit."""
+
+    def train_accuracy(method: str, cell: dict | None) -> str:
+        value = cell.get("train_accuracy_mean") if cell else None
+        return percent(value) if value is not None else "–"
+
     lines = ["", "## Fit: training accuracy (%), mean over seeds", "",
-             "Accuracy on the training images with the evaluation transform, after training.", "",
-             "| method | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]  # fmt: skip
-    for method in methods:
-        row = []
-        for task in names:
-            cell = cells.get(task, {}).get(method)
-            value = cell.get("train_accuracy_mean") if cell else None
-            row.append(percent(value) if value is not None else "–")
-        lines.append(f"| {METHOD_TITLES[method]} | " + " | ".join(row) + " |")
-    return lines
+             "Accuracy on the training images with the evaluation transform, after training.", ""]  # fmt: skip
+    return lines + method_by_task(cells, names, methods, train_accuracy)
 
 
 def gate_section(cells: dict, names: Sequence[str], methods: Sequence[str]) -> list[str]:
@@ -115,28 +122,23 @@ def cost_section(costs: dict[str, dict], methods: Sequence[str], meta: dict) -> 
 
 
 def selection_section(cells: dict, names: Sequence[str], methods: Sequence[str], budget: Budget) -> list[str]:
+    def tried(method: str, cell: dict | None) -> str:
+        if not cell:
+            return "–"
+        chosen = f"{cell['learning_rate']:g}"
+        grid = {f"{lr:g}" for lr in budget.lr_grids.get(method, ())}
+        marks = {lr: "" if lr in grid else "⁺" for lr in cell["selection"]}
+        entries = [f"**{lr}{marks[lr]}: {100 * acc:.1f}**" if lr == chosen else f"{lr}{marks[lr]}: {100 * acc:.1f}"
+                   for lr, acc in sorted(cell["selection"].items(), key=lambda item: float(item[0]))]  # fmt: skip
+        source = budget.lr_from.get(method)
+        empty = f"**{chosen}** ({'from ' + METHOD_TITLES[source] if source else 'grid of one'})"
+        return ", ".join(entries) if entries else empty
+
     lines = ["", "## Learning rates chosen on the validation split", "",
              "Validation accuracy (%) of each LR of the grid on the selection "
              f"({seeds_text(budget.selection_seeds)}, mean); the chosen LR in bold. The final seeds never take part in "
-             "the choice.", "",
-             "| method | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]  # fmt: skip
-    for method in methods:
-        row = []
-        for task in names:
-            cell = cells.get(task, {}).get(method)
-            if not cell:
-                row.append("–")
-                continue
-            chosen = f"{cell['learning_rate']:g}"
-            grid = {f"{lr:g}" for lr in budget.lr_grids.get(method, ())}
-            marks = {lr: "" if lr in grid else "⁺" for lr in cell["selection"]}
-            entries = [f"**{lr}{marks[lr]}: {100 * acc:.1f}**" if lr == chosen else f"{lr}{marks[lr]}: {100 * acc:.1f}"
-                       for lr, acc in sorted(cell["selection"].items(), key=lambda item: float(item[0]))]  # fmt: skip
-            source = budget.lr_from.get(method)
-            empty = f"**{chosen}** ({'from ' + METHOD_TITLES[source] if source else 'grid of one'})"
-            row.append(", ".join(entries) if entries else empty)
-        lines.append(f"| {METHOD_TITLES[method]} | " + " | ".join(row) + " |")
-    return lines
+             "the choice.", ""]  # fmt: skip
+    return lines + method_by_task(cells, names, methods, tried)
 
 
 def setup_section(tasks: Sequence[Task], budget: Budget, meta: dict) -> list[str]:
