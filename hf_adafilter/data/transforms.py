@@ -192,13 +192,16 @@ class ImageTransform:
     ):
         self.image_processor, self.train, self.augmentation = image_processor, train, augmentation
         self.image_column, self.label_column = image_column, label_column
-        self.spec = resolve_preprocessing(image_processor)
-        self._overrides = square_crop(image_processor)
-        self._scale = np.asarray(self.spec.scale, dtype=np.float32).reshape(3, 1, 1)
-        self._shift = np.asarray(self.spec.shift, dtype=np.float32).reshape(3, 1, 1)
+        # Each mode reads of the processor only what it uses: training its output size and normalisation (asked
+        # once, here), evaluation the overrides its calls need.
+        self.spec = resolve_preprocessing(image_processor) if train else None
+        self._overrides = {} if train else square_crop(image_processor)
+        if self.spec is not None:
+            self._scale = np.asarray(self.spec.scale, dtype=np.float32).reshape(3, 1, 1)
+            self._shift = np.asarray(self.spec.shift, dtype=np.float32).reshape(3, 1, 1)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(train={self.train}, {self.spec})"
+        return f"{type(self).__name__}(train={self.train}, {self.spec or type(self.image_processor).__name__})"
 
     def __call__(self, batch: Mapping[str, Sequence[Any]]) -> dict[str, list]:
         for column in (self.image_column, self.label_column):
