@@ -222,7 +222,7 @@ def train_and_evaluate(
         if adafilter_args.evaluate_forced_gates:
             metrics |= trainer.evaluate_forced_gates(eval_dataset, metric_key_prefix="eval")
         if adafilter_args.evaluate_static_export:
-            metrics |= trainer.evaluate_static_export(eval_dataset, calibration(data, eval_transform), "eval")
+            metrics |= trainer.evaluate_static_export(eval_dataset, calibration_images(data, eval_transform), "eval")
         if data_args.evaluate_train_split:
             train_images = data.require("train").with_transform(eval_transform)
             metrics |= trainer.predict(train_images, metric_key_prefix="train_eval").metrics
@@ -239,7 +239,7 @@ def train_and_evaluate(
         if adafilter_args.evaluate_forced_gates:
             metrics |= trainer.evaluate_forced_gates(test_dataset, metric_key_prefix="test")
         if adafilter_args.evaluate_static_export:
-            metrics |= trainer.evaluate_static_export(test_dataset, calibration(data, eval_transform), "test")
+            metrics |= trainer.evaluate_static_export(test_dataset, calibration_images(data, eval_transform), "test")
         trainer.log_metrics("test", metrics)
         trainer.save_metrics("test", metrics)
         results.update(metrics)
@@ -256,7 +256,7 @@ def train_and_evaluate(
     return results
 
 
-def calibration(data, eval_transform, images: int = 256):
+def calibration_images(data, eval_transform, images: int = 256):
     """The static export's calibration images: the first `images` of train, as evaluation sees them."""
     train = data.require("train")
     return train.select(range(min(images, len(train)))).with_transform(eval_transform)

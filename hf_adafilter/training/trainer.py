@@ -273,22 +273,22 @@ class AdaFilterTrainer(HubOutputsMixin, Trainer):
     def evaluate_static_export(
         self, eval_dataset, calibration_dataset, metric_key_prefix: str = "eval"
     ) -> dict[str, float]:
-        """Accuracy (and loss) of the model's static export, calibrated on `calibration_dataset` (exported once per
-        Trainer and model state: validation and test score the same export), as `{prefix}_static_*`, and the
-        share of calibration decisions the fixed choices reproduce, `static_agreement`; empty without gates."""
+        """Accuracy (and loss) of the model's static export as `{prefix}_static_*`, and the share of calibration
+        decisions its fixed choices reproduce, `static_agreement`; empty without gates. The export is made from
+        `calibration_dataset` at the first call and reused, so validation and test score the same model."""
         model = self.accelerator.unwrap_model(self.model)
         if _adafilter(model) is None or not hasattr(model, "export_static"):
             return {}
-        if getattr(self, "_static_export", None) is None:
+        if getattr(self, "_static_evaluator", None) is None:
             loader = self.get_eval_dataloader(calibration_dataset)
             device = next(model.parameters()).device
-            self._static_export = model.export_static(batch["pixel_values"].to(device) for batch in loader)
-        static = self._static_export
-        evaluator = Trainer(model=static, args=self.args, data_collator=self.data_collator,
-                            compute_metrics=self.compute_metrics)  # fmt: skip
+            static = model.export_static(batch["pixel_values"].to(device) for batch in loader)
+            self._static_evaluator = Trainer(model=static, args=self.args, data_collator=self.data_collator,
+                                             compute_metrics=self.compute_metrics)  # fmt: skip
+        evaluator = self._static_evaluator
         output = evaluator.predict(eval_dataset, metric_key_prefix=f"{metric_key_prefix}_static")
         metrics = {k: v for k, v in output.metrics.items() if "_per_second" not in k and "runtime" not in k}
-        return metrics | {"static_agreement": static.config.adafilter_static["agreement"]}
+        return metrics | {"static_agreement": evaluator.model.config.adafilter_static["agreement"]}
 
     def evaluate_forced_gates(self, eval_dataset, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Accuracy (and loss) with every gate forced to the fine-tuned bank and to the pre-trained bank: the learned
