@@ -47,6 +47,10 @@ class BackboneFamily:
     # before `F.conv2d`: the fast paths replicate that.
     weight_standardized_convs: tuple[str, ...] = ()
 
+    def drops_tensor(self, key: str) -> bool:
+        """Whether a source backbone's tensor `key` is one `prepare` leaves no place for (`dropped_tensors`)."""
+        return _fullmatch_any(self.dropped_tensors, key)
+
 
 def _stage_from_stages_index(name: str) -> str:
     match = re.search(r"stages\.(\d+)\.", name)

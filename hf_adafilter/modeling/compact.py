@@ -269,10 +269,10 @@ def model_keys(model: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.
     ViT's `encoder.layer.N.intermediate.dense`) under the model's own module names (`layers.N.mlp.fc1`), renamed by
     transformers' own conversion mapping for the model."""
     transforms = get_model_conversion_mapping(model)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
     if not transforms:
         return tensors
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
     state = model.state_dict()
     return {
         rename_source_key(key, renamings, converters, None, state)[0]: tensor

@@ -6,7 +6,6 @@ Travels to the Hub as remote code: relative imports only, nothing beyond torch, 
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -217,7 +216,7 @@ class AdaFilterModel(AdaFilterPreTrainedModel):
                 raise KeyError(f"Backbone checkpoint has no tensor {source_key!r} (needed for {key!r}).")
             expanded[key] = state_dict[source_key]
         unused = set(state_dict) - {self.backbone_key(key) for key in own}
-        unused = {key for key in unused if not any(re.fullmatch(p, key) for p in self.family.dropped_tensors)}
+        unused = {key for key in unused if not self.family.drops_tensor(key)}
         if unused:
             raise KeyError(f"Backbone checkpoint tensors with no place in the model: {sorted(unused)[:5]}.")
         self.backbone.load_state_dict(expanded, strict=True)
