@@ -583,18 +583,12 @@ class ForcedGates(torch.nn.Module):
 def gate_network_call(model: AdaFilterForImageClassification, pixels: torch.Tensor):
     """A call that runs only the gate network: every controller step on the pooled inputs `pixels` gave."""
     controller, pooled = model.adafilter.gate_controller, []
-    step = controller.forward
-
-    def recording(index, features, state=None):
-        pooled.append((index, features.detach().clone()))
-        return step(index, features, state)
-
-    controller.forward = recording
+    handle = controller.register_forward_pre_hook(lambda _, args: pooled.append((args[0], args[1].clone())))
     try:
         with torch.no_grad():
             model(pixels)
     finally:
-        del controller.forward
+        handle.remove()
 
     def call():
         state = None
