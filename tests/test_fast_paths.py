@@ -19,7 +19,7 @@ from conftest import pixel_batch as cpu_pixel_batch
 from torch import nn
 
 from hf_adafilter import AdaFilterConfig, AdaFilterForImageClassification
-from hf_adafilter.modeling import gated_inference
+from hf_adafilter.modeling import gated_inference, layers
 from hf_adafilter.modeling.backbones import weight_standardization_eps
 from hf_adafilter.modeling.bank_ops import BankOp, bank_op, depthwise_weight_grad, joins_well
 from hf_adafilter.modeling.gated_inference import prefer_merged
@@ -224,6 +224,7 @@ def test_incremental_batch_one_kernels_equal_fresh_ones_bit_for_bit(family, monk
             weight.copy_(saved)
         return logits
 
+    monkeypatch.setattr(layers, "prefer_live", lambda weight, batch: False)  # the folded banks at batch 1
     monkeypatch.setattr(gated_inference, "INCREMENTAL_MIN_ELEMENTS", 1 << 60)
     fresh = run()
     monkeypatch.setattr(gated_inference, "INCREMENTAL_MIN_ELEMENTS", 0)
@@ -233,6 +234,31 @@ def test_incremental_batch_one_kernels_equal_fresh_ones_bit_for_bit(family, monk
     assert all(folded is not None and folded.last_merged is not None for folded in kept)
     copied = copy.deepcopy(model)  # the cache (with its lock) stays behind
     assert all(layer._folded is None for layer in copied.adafilter.gated_layers.values())
+
+
+@pytest.mark.parametrize("gated_norm", [True, False])
+def test_batch_one_reads_the_live_banks(family, gated_norm, monkeypatch):
+    """Batch 1 merges the banks' own weights and norm statistics per call: the reference's per-filter choice bit for
+    bit, nothing cached, and an edit through `.data` (which bumps no version) is seen with no check at all."""
+    monkeypatch.setattr(gated_inference, "INCREMENTAL_MIN_ELEMENTS", 1 << 60)  # no layer keeps a cached kernel
+    model = perturbed_model(family, torch.float32, gated_norm=gated_norm).eval()
+    model.config.folded_weights_check = "version"
+    pixels = pixel_batch(batch_size=1)
+    with torch.no_grad():
+        with gated_implementation(model, "reference"):
+            reference = model(pixels)
+        live = model(pixels)
+        assert torch.equal(live.logits, reference.logits)
+        assert all(layer._folded is None for layer in model.adafilter.gated_layers.values())
+        for layer in model.adafilter.gated_layers.values():
+            layer.finetuned_layer.weight.data.mul_(1.5)
+            if layer.finetuned_norm is not None:
+                layer.finetuned_norm.running_mean.data.add_(0.5)
+        edited = model(pixels).logits
+        with gated_implementation(model, "reference"):
+            reference = model(pixels).logits
+    assert not torch.equal(edited, live.logits)
+    assert torch.equal(edited, reference)
 
 
 def test_cost_model_merges_batch_one_and_depthwise():
@@ -576,8 +602,10 @@ def test_speed_benchmark_times_a_trained_model_on_real_images(tmp_path):
     model.save_pretrained(tmp_path)
     transformers.ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
     settings = speed.Settings(threads=torch.get_num_threads(), warmup=1, train_repeats=1, infer_repeats=1)
-    lines = speed.trained_gates_section(tmp_path, settings)
-    assert "validation accuracy on 500 images: learned gates" in lines[2]
-    rows = [line for line in lines if line.startswith("| 1 |") or line.startswith("| 32 |")]
-    assert len(rows) == 2 and all(row.count("**") == 6 for row in rows)
-    assert lines[-1].startswith("Batch 1, where the time goes: the gate network alone")
+    lines = speed.trained_gates_section([tmp_path], settings)
+    name = f"{tmp_path.name} (resnet, 32 px)"
+    assert any(line.startswith(f"{name}: calibration agreement") and "learned gates" in line for line in lines)
+    rows = [line for line in lines if line.startswith(f"| {name} |")]
+    assert [row.split(" | ")[1] for row in rows] == ["1", "32"]
+    assert all(row.count("**") == 6 and "<= 1.05x" in row for row in rows)
+    assert lines[-1].startswith(f"{name}, batch 1, where the time goes: the gate network alone")

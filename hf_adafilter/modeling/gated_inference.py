@@ -152,6 +152,42 @@ def merged_forward(
     return out.view(batch, -1, *out.shape[2:])
 
 
+def live_merged_forward(
+    op: BankOp,
+    hidden_states: torch.Tensor,
+    gates: torch.Tensor,
+    modules: tuple[nn.Module, nn.Module, _BatchNorm | None, _BatchNorm | None],
+) -> torch.Tensor | None:
+    """Batch 1 from the banks' own tensors, nothing cached: each filter takes its chosen bank's weight, bias and
+    norm statistics (`lerp`, exact for 0/1 gates), then one conv and one eval-mode BatchNorm, the plain layer's own
+    two calls. Reading the live tensors sees every edit (through `.data` too) with no check to pay; the price is
+    writing one kernel per call, which the cached incremental kernel avoids for large kernels. For 0/1 gates only
+    (a norm does not mix linearly); None where the banks' norms differ in eps or form (the folded path serves)."""
+    finetuned, base, finetuned_norm, base_norm = modules
+    if (finetuned.bias is None) != (base.bias is None) or (op.linear and base_norm is not None):
+        return None
+    if finetuned_norm is not None and (
+        finetuned_norm.eps != base_norm.eps or (finetuned_norm.weight is None) != (base_norm.weight is None)
+    ):
+        return None
+    gates = gates[0]
+    weight = merge_filters(op.weight(base), op.weight(finetuned), gates.to(base.weight.dtype))
+    bias = merge_filters(base.bias, finetuned.bias, gates.to(base.bias.dtype)) if base.bias is not None else None
+    out = op(hidden_states, weight, bias)
+    if base_norm is None:
+        return out
+    norm = base_norm
+    statistics = (norm.running_mean, norm.running_var, norm.weight, norm.bias)
+    if finetuned_norm is not None:  # gated norm: each filter's own bank's norm
+        pairs = zip(
+            statistics,
+            (finetuned_norm.running_mean, finetuned_norm.running_var, finetuned_norm.weight, finetuned_norm.bias),
+            strict=True,
+        )
+        statistics = tuple(s if s is None else merge_filters(s, f, gates.to(s.dtype)) for s, f in pairs)
+    return F.batch_norm(out, *statistics, False, 0.0, norm.eps)
+
+
 _LOCK_CREATION = threading.Lock()
 
 
@@ -287,6 +323,13 @@ def _updates_incrementally(weight: torch.Tensor) -> bool:
     on CPU for large kernels, where writing the kernel dominates; off CPU (unmeasured) never, since one `lerp`
     is one kernel launch while the row updates are several."""
     return weight.device.type == "cpu" and weight.numel() >= INCREMENTAL_MIN_ELEMENTS
+
+
+def prefer_live(weight: torch.Tensor, batch: int) -> bool:
+    """Whether a layer's inference runs `live_merged_forward` (batch 1), not the cached folded banks: everywhere
+    but large CPU kernels, whose incremental kernel writes only the rows whose gates changed. Under torch.compile
+    always (nothing is cached there)."""
+    return batch == 1 and (torch.compiler.is_compiling() or not _updates_incrementally(weight))
 
 
 MERGE_MIN_POSITIONS = 32

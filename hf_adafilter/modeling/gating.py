@@ -176,6 +176,8 @@ class GateForward:
         self.controller = controller
         # The model's `config.folded_weights_check`, read by the gated layers' inference paths.
         self.folded_weights_check = folded_weights_check
+        # Whether every gate is exactly 0 or 1 (the network's decisions are; a forced value may not be).
+        self.hard = controller.forced_value is None or controller.forced_value in (0.0, 1.0)
         self.state: _State = None
         self.gates: list[torch.Tensor | None] = [None] * len(controller)
         self.probs: list[torch.Tensor | None] = [None] * len(controller)

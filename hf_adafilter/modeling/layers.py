@@ -14,7 +14,14 @@ from torch import nn
 
 from .bank_ops import BankOp, SpatialMean, bank_op
 from .batchnorm_ops import is_plain_batchnorm, uses_batch_statistics
-from .gated_inference import FoldedBanks, current_folded_banks, fold_banks, folded_forward
+from .gated_inference import (
+    FoldedBanks,
+    current_folded_banks,
+    fold_banks,
+    folded_forward,
+    live_merged_forward,
+    prefer_live,
+)
 from .gated_training import fused_layer_forward
 from .gating import GateController, active_gate_forward
 
@@ -258,8 +265,12 @@ def _fast_forward(layer: GatedLayer, hidden_states: torch.Tensor, gates: torch.T
         modules = layer.bank_modules()
         norms = [norm for norm in modules[2:] if norm is not None]
         if not torch.is_grad_enabled() and not any(uses_batch_statistics(norm) for norm in norms):
-            folded = layer._current_folded(op)
-            return folded_forward(op, op.prepare(modules[1], hidden_states), gates, folded, kernel)
+            hidden_states = op.prepare(modules[1], hidden_states)
+            if kernel != "two_bank" and prefer_live(modules[1].weight, hidden_states.shape[0]):
+                live = live_merged_forward(op, hidden_states, gates, modules) if active_gate_forward().hard else None
+                if live is not None:
+                    return live
+            return folded_forward(op, hidden_states, gates, layer._current_folded(op), kernel)
         # Under torch.compile the fused function's hand-written backward would break the graph at every layer: the
         # reference formulation is traced whole instead, and inductor fuses it itself.
         if not torch.compiler.is_compiling():
