@@ -247,23 +247,15 @@ def agreement_split_forward(
     folded: FoldedBanks,
     disagreeing: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """Filters on which every example of the batch makes the same 0/1 decision run once, as one conv with each
-    filter's chosen bank; only the filters that differ run both banks, mixed per example and written into their
-    channels. Cost ~ (1 + 2 x disagreeing share) of the plain layer, plus writing the chosen kernel. None where it
-    does not apply (grouped convs, gates between 0 and 1). `disagreeing`: `disagreeing_filters(gates)`, when the
-    caller has it already."""
+    """One conv with each filter's bank as the batch's first example chose it, then, for the filters on which the
+    examples differ, one conv with the other bank, written into the channels of the examples that chose it. Cost
+    ~ (1 + disagreeing share) of the plain layer, plus writing both kernels. None where it does not apply (grouped
+    convs, gates between 0 and 1). `disagreeing`: `disagreeing_filters(gates)`, when the caller has it already."""
     if op.groups != 1 or not bool(((gates == 0) | (gates == 1)).all()):
         return None
     on = gates.to(torch.bool)
     differing = (disagreeing if disagreeing is not None else disagreeing_filters(gates)).nonzero().squeeze(1)
-    chosen = on[0].view(-1, *[1] * (folded.weight_finetuned.ndim - 1))
-    weight = torch.where(chosen, folded.weight_finetuned, folded.weight_pretrained)
-    bias = (
-        torch.where(on[0], folded.bias_finetuned, folded.bias_pretrained)
-        if folded.bias_finetuned is not None
-        else None
-    )
-    out = op(hidden_states, weight, bias)
+    out = op(hidden_states, *_chosen_bank(folded, on[0]))
     if differing.numel():
         rows = FoldedBanks(
             (),
@@ -272,9 +264,22 @@ def agreement_split_forward(
             folded.bias_finetuned.index_select(0, differing) if folded.bias_finetuned is not None else None,
             folded.bias_pretrained.index_select(0, differing) if folded.bias_pretrained is not None else None,
         )
-        mixed = two_bank_forward(op, hidden_states, gates.index_select(1, differing), rows)
-        out.index_copy_(-1 if op.linear else 1, differing, mixed)
+        first = on[0].index_select(0, differing)
+        other = op(hidden_states, *_chosen_bank(rows, ~first))
+        dim = -1 if op.linear else 1
+        takes_other = BankShape(op.linear, out.ndim).per_example(on.index_select(1, differing) != first)
+        out.index_copy_(dim, differing, torch.where(takes_other, other, out.index_select(dim, differing)))
     return out
+
+
+def _chosen_bank(folded: FoldedBanks, finetuned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) with each filter from the fine-tuned bank where `finetuned` (a (filters,) bool mask) says so,
+    else from the pre-trained one."""
+    chosen = finetuned.view(-1, *[1] * (folded.weight_finetuned.ndim - 1))
+    weight = torch.where(chosen, folded.weight_finetuned, folded.weight_pretrained)
+    if folded.bias_finetuned is None:
+        return weight, None
+    return weight, torch.where(finetuned, folded.bias_finetuned, folded.bias_pretrained)
 
 
 def disagreeing_filters(gates: torch.Tensor) -> torch.Tensor:
@@ -290,14 +295,14 @@ def disagreeing_share(gates: torch.Tensor) -> float:
 
 def prefer_split(share: float, output_positions: int) -> bool:
     """Whether the agreement split beats both banks and a select (for a batch of two or more): both banks cost 2x
-    a plain conv, the split ~(1 + 2 d) for a disagreeing share d (`share`) plus writing the chosen kernel and the indexing
-    around the differing filters, which small maps do not repay (measured one-off on ResNet-50 layer shapes at
-    batch 32, CPU: see speed.md's notes). So: a batch whose filters all agree always splits; others while d <= 0.4
-    on maps of at least `MERGE_MIN_POSITIONS` positions."""
+    a plain conv, the split ~(1 + d) for a disagreeing share d (`share`) plus writing the kernels and the indexing
+    around the differing filters, which small maps do not repay (measured one-off on Lite0 and ResNet-50 layer
+    shapes at batch 32, CPU: see speed.md's notes). So: a batch whose filters all agree always splits; others while
+    d <= `SPLIT_MAX_DISAGREEMENT` on maps of at least `MERGE_MIN_POSITIONS` positions."""
     return share == 0 or (share <= SPLIT_MAX_DISAGREEMENT and output_positions >= MERGE_MIN_POSITIONS)
 
 
-SPLIT_MAX_DISAGREEMENT = 0.4
+SPLIT_MAX_DISAGREEMENT = 0.5
 
 
 def prefer_merged(op: BankOp, weight: torch.Tensor, output_positions: int, batch: int) -> bool:
