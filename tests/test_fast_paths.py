@@ -609,3 +609,16 @@ def test_speed_benchmark_times_a_trained_model_on_real_images(tmp_path):
     assert [row.split(" | ")[1] for row in rows] == ["1", "32"]
     assert all(row.count("**") == 6 and "<= 1.05x" in row for row in rows)
     assert lines[-1].startswith(f"{name}, batch 1, where the time goes: the gate network alone")
+
+
+def test_speed_benchmark_saves_a_backbone_the_training_script_can_wrap(tmp_path):
+    """`--save_backbone` writes what `examples/run.py --model_name_or_path` needs: the benchmarked plain classifier
+    (same weights) and an image processor."""
+    speed = load_speed_module()
+    speed.main(["--save_backbone", "tiny-resnet", str(tmp_path)])
+    saved = transformers.AutoModelForImageClassification.from_pretrained(tmp_path)
+    built = speed.CONFIGS["tiny-resnet"].build()
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), built.state_dict().values(), strict=True))
+    assert transformers.AutoImageProcessor.from_pretrained(tmp_path) is not None
+    model = AdaFilterForImageClassification.from_backbone(str(tmp_path), num_labels=3)
+    assert model.gated_layer_names
