@@ -163,7 +163,7 @@ class Settings:
     threads: int = 2
     warmup: int = 2
     train_repeats: int = 7
-    infer_repeats: int = 9
+    infer_repeats: int = 15
     memory_steps: int = 3
 
 
@@ -445,14 +445,10 @@ SWEEP_LAYERS = (
 
 def layer_sweep(settings: Settings, batches: tuple[int, ...] = (1, 32), repeats: int = 7) -> list[str]:
     """Median time of one folded inference layer as per-example merged kernels and as both banks plus a select,
-    with the cost model's pick: the measurements `gated_inference.prefer_merged` is calibrated on."""
+    with the cost model's pick: the measurements `kernel_choice.prefer_merged` is calibrated on."""
     from hf_adafilter.modeling.bank_ops import BankOp
-    from hf_adafilter.modeling.gated_inference import (
-        FoldedBanks,
-        merged_forward,
-        prefer_merged,
-        two_bank_forward,
-    )
+    from hf_adafilter.modeling.gated_inference import FoldedBanks, merged_forward, two_bank_forward
+    from hf_adafilter.modeling.kernel_choice import prefer_merged
 
     rows = [
         "| layer (in -> out, map, kernel, groups) | batch | merged | two banks + select | cost model picks |",
@@ -509,7 +505,7 @@ def _real_pixels(split, processor, count: int) -> tuple[torch.Tensor, torch.Tens
 
 def disagreement(model: torch.nn.Module, batches: Sequence[torch.Tensor]) -> float:
     """Share of (batch, filter) pairs on which the images of a batch decide differently, every filter once."""
-    from hf_adafilter.modeling.gated_inference import disagreeing_share
+    from hf_adafilter.modeling.kernel_choice import disagreeing_share
 
     shares, widths = [], []
     with torch.no_grad():

@@ -19,11 +19,11 @@ from conftest import pixel_batch as cpu_pixel_batch
 from torch import nn
 
 from hf_adafilter import AdaFilterConfig, AdaFilterForImageClassification
-from hf_adafilter.modeling import gated_inference, layers
+from hf_adafilter.modeling import kernel_choice, layers
 from hf_adafilter.modeling.backbones import weight_standardization_eps
 from hf_adafilter.modeling.bank_ops import BankOp, bank_op, depthwise_weight_grad, joins_well
-from hf_adafilter.modeling.gated_inference import prefer_merged
 from hf_adafilter.modeling.gating import GateController, gate_forward
+from hf_adafilter.modeling.kernel_choice import prefer_merged
 from hf_adafilter.modeling.layers import GatedLayer, gated_implementation
 
 FP64_TOLERANCE = 1e-9
@@ -225,9 +225,9 @@ def test_incremental_batch_one_kernels_equal_fresh_ones_bit_for_bit(family, monk
         return logits
 
     monkeypatch.setattr(layers, "prefer_live", lambda weight, batch: False)  # the folded banks at batch 1
-    monkeypatch.setattr(gated_inference, "INCREMENTAL_MIN_ELEMENTS", 1 << 60)
+    monkeypatch.setattr(kernel_choice, "INCREMENTAL_MIN_ELEMENTS", 1 << 60)
     fresh = run()
-    monkeypatch.setattr(gated_inference, "INCREMENTAL_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(kernel_choice, "INCREMENTAL_MIN_ELEMENTS", 0)
     incremental = run()
     assert all(torch.equal(a, b) for a, b in zip(fresh, incremental, strict=True))
     kept = [layer._folded for layer in model.adafilter.gated_layers.values()]
@@ -240,7 +240,7 @@ def test_incremental_batch_one_kernels_equal_fresh_ones_bit_for_bit(family, monk
 def test_batch_one_reads_the_live_banks(family, gated_norm, monkeypatch):
     """Batch 1 merges the banks' own weights and norm statistics per call: the reference's per-filter choice bit for
     bit, nothing cached, and an edit through `.data` (which bumps no version) is seen with no check at all."""
-    monkeypatch.setattr(gated_inference, "INCREMENTAL_MIN_ELEMENTS", 1 << 60)  # no layer keeps a cached kernel
+    monkeypatch.setattr(kernel_choice, "INCREMENTAL_MIN_ELEMENTS", 1 << 60)  # no layer keeps a cached kernel
     model = perturbed_model(family, torch.float32, gated_norm=gated_norm).eval()
     model.config.folded_weights_check = "version"
     pixels = pixel_batch(batch_size=1)
@@ -286,7 +286,7 @@ def test_choices_off_cpu_follow_the_documented_device_rule():
         large = torch.empty(1024, 1024, 1, 1, device=device)
         assert joins_well(pointwise, small_input.to(device), large) is not on_cpu
         assert not joins_well(depthwise, small_input.to(device), torch.empty(96, 1, 3, 3, device=device))
-        assert gated_inference._updates_incrementally(large) is on_cpu
+        assert kernel_choice.updates_incrementally(large) is on_cpu
 
 
 # ----------------------------------------------------------------------------- layer types and fallbacks

@@ -119,7 +119,7 @@ def test_the_checks_see_upward_imports_and_cycles():
 
 KERNELS = {
     f"hf_adafilter.modeling.{name}"
-    for name in ("bank_ops", "batchnorm_ops", "gated_training", "gated_inference")
+    for name in ("bank_ops", "batchnorm_ops", "gated_training", "gated_inference", "kernel_choice")
 }
 
 

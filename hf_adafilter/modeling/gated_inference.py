@@ -17,6 +17,7 @@ from torch import nn
 
 from .bank_ops import BankOp, BankShape
 from .batchnorm_ops import _BatchNorm, fold_batchnorm
+from .kernel_choice import disagreeing_filters, prefer_merged, prefer_split, updates_incrementally
 
 
 @dataclass
@@ -126,7 +127,7 @@ def merged_forward(
         else None
     )
     if batch == 1:
-        if not _updates_incrementally(folded.weight_finetuned) or torch.compiler.is_compiling():
+        if not updates_incrementally(folded.weight_finetuned) or torch.compiler.is_compiling():
             return op(
                 hidden_states, merge_filters(folded.weight_pretrained, folded.weight_finetuned, gates), bias
             )
@@ -280,68 +281,6 @@ def _chosen_bank(folded: FoldedBanks, finetuned: torch.Tensor) -> tuple[torch.Te
     if folded.bias_finetuned is None:
         return weight, None
     return weight, torch.where(finetuned, folded.bias_finetuned, folded.bias_pretrained)
-
-
-def disagreeing_filters(gates: torch.Tensor) -> torch.Tensor:
-    """Per filter, whether the examples of a batch decide differently on it: a (filters,) bool mask."""
-    on = gates > 0.5
-    return on.any(0) & ~on.all(0)
-
-
-def disagreeing_share(gates: torch.Tensor) -> float:
-    """The share of filters on which the examples of a batch decide differently."""
-    return float(disagreeing_filters(gates).float().mean())
-
-
-def prefer_split(share: float, output_positions: int) -> bool:
-    """Whether the agreement split beats both banks and a select (for a batch of two or more): both banks cost 2x
-    a plain conv, the split ~(1 + d) for a disagreeing share d (`share`) plus writing the kernels and the indexing
-    around the differing filters, which small maps do not repay (measured one-off on Lite0 and ResNet-50 layer
-    shapes at batch 32, CPU: see speed.md's notes). So: a batch whose filters all agree always splits; others while
-    d <= `SPLIT_MAX_DISAGREEMENT` on maps of at least `MERGE_MIN_POSITIONS` positions."""
-    return share == 0 or (share <= SPLIT_MAX_DISAGREEMENT and output_positions >= MERGE_MIN_POSITIONS)
-
-
-SPLIT_MAX_DISAGREEMENT = 0.5
-
-
-def prefer_merged(op: BankOp, weight: torch.Tensor, output_positions: int, batch: int) -> bool:
-    """Whether per-example merged kernels beat both banks plus a select, by a cost model measured on CPU
-    (`python benchmarks/speed.py --sweep` prints the measurements).
-
-    Merging costs one weight-sized `lerp` per example; the two-bank path doubles the convolution. Batch 1 always
-    merges (in a whole forward, where both banks' weights come from memory either way, merging was as fast or
-    faster for every Lite0 and ResNet-50 layer), and so do depthwise kernels, which are tiny. Larger batches run a
-    grouped conv over per-example kernels, which pays while each kernel covers enough output positions and the
-    merged kernels stay small: with 4x4 maps, or batch x weight above 2M elements, both banks were 2-10x faster.
-    Off CPU (unmeasured) only batch 1 and depthwise layers merge.
-    """
-    if batch == 1 or (weight.shape[1] == 1 and not op.linear and op.groups == weight.shape[0]):
-        return True
-    if weight.device.type != "cpu":
-        return False
-    return output_positions >= MERGE_MIN_POSITIONS and batch * weight.numel() <= MERGE_MAX_ELEMENTS
-
-
-def _updates_incrementally(weight: torch.Tensor) -> bool:
-    """Whether the batch-1 kernel is updated row by row (`incremental_merged_kernel`) rather than merged afresh:
-    on CPU for large kernels, where writing the kernel dominates; off CPU (unmeasured) never, since one `lerp`
-    is one kernel launch while the row updates are several."""
-    return weight.device.type == "cpu" and weight.numel() >= INCREMENTAL_MIN_ELEMENTS
-
-
-def prefer_live(weight: torch.Tensor, batch: int) -> bool:
-    """Whether a layer's inference runs `live_merged_forward` (batch 1), not the cached folded banks: everywhere
-    but large CPU kernels, whose incremental kernel writes only the rows whose gates changed. Under torch.compile
-    always (nothing is cached there)."""
-    return batch == 1 and (torch.compiler.is_compiling() or not _updates_incrementally(weight))
-
-
-MERGE_MIN_POSITIONS = 32
-MERGE_MAX_ELEMENTS = 1 << 21
-# Batch-1 kernels of at least this many elements are updated in place (`incremental_merged_kernel`); below it the
-# few extra small ops cost more than rewriting the kernel (measured on Lite0 and ResNet-50 layers, CPU).
-INCREMENTAL_MIN_ELEMENTS = 1 << 18
 
 
 def folding_sources(modules: Sequence[nn.Module | None]) -> list[torch.Tensor]:

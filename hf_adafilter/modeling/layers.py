@@ -20,10 +20,10 @@ from .gated_inference import (
     fold_banks,
     folded_forward,
     live_merged_forward,
-    prefer_live,
 )
 from .gated_training import fused_layer_forward
 from .gating import GateController, active_gate_forward
+from .kernel_choice import prefer_live
 
 _UNSUPPORTED = object()
 
@@ -36,7 +36,7 @@ def apply_gated_implementation(module: nn.Module, name: str) -> None:
     (`gated_training.FusedGatedBanks`); inference (no grad, norms in eval mode) folds each norm into its bank and
     computes both banks, then selects. "merged": as "fused", but inference always uses per-example merged kernels
     (one conv per layer). "auto" (the default): "fused" in training, and in inference merged kernels, both banks or
-    the agreement split per layer and batch by a cost model (`gated_inference.prefer_merged`, `prefer_split`). All but "reference" also use the lean gate controller. All give
+    the agreement split per layer and batch by a cost model (`kernel_choice`). All but "reference" also use the lean gate controller. All give
     the reference's outputs and gradients up to float rounding (tests/test_fast_paths.py). Models keep theirs in
     `config.gated_implementation` (`model.set_gated_implementation`).
     """
