@@ -23,7 +23,7 @@ from hf_adafilter.modeling import kernel_choice, layers
 from hf_adafilter.modeling.backbones import weight_standardization_eps
 from hf_adafilter.modeling.bank_ops import BankOp, bank_op, depthwise_weight_grad, joins_well
 from hf_adafilter.modeling.gating import GateController, gate_forward
-from hf_adafilter.modeling.kernel_choice import prefer_merged
+from hf_adafilter.modeling.kernel_choice import prefer_merged, prefer_split
 from hf_adafilter.modeling.layers import GatedLayer, gated_implementation
 
 FP64_TOLERANCE = 1e-9
@@ -259,6 +259,14 @@ def test_batch_one_reads_the_live_banks(family, gated_norm, monkeypatch):
             reference = model(pixels).logits
     assert not torch.equal(edited, live.logits)
     assert torch.equal(edited, reference)
+
+
+def test_cost_model_splits_batches_that_mostly_agree():
+    """The split runs one bank plus the other for the differing filters: worth it while few differ, fewer on 4x4
+    maps, where its fixed overhead weighs more (speed.md's notes)."""
+    assert prefer_split(0.0, output_positions=16) and prefer_split(0.1, output_positions=16)
+    assert not prefer_split(0.3, output_positions=16)
+    assert prefer_split(0.5, output_positions=64) and not prefer_split(0.6, output_positions=64)
 
 
 def test_cost_model_merges_batch_one_and_depthwise():

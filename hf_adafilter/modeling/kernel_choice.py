@@ -25,13 +25,17 @@ def disagreeing_share(gates: torch.Tensor) -> float:
 def prefer_split(share: float, output_positions: int) -> bool:
     """Whether the agreement split beats both banks and a select (for a batch of two or more): both banks cost 2x
     a plain conv, the split ~(1 + d) for a disagreeing share d (`share`) plus writing the kernels and the indexing
-    around the differing filters, which small maps do not repay (measured one-off on Lite0 and ResNet-50 layer
-    shapes at batch 32, CPU: see speed.md's notes). So: a batch whose filters all agree always splits; others while
-    d <= `SPLIT_MAX_DISAGREEMENT` on maps of at least `MERGE_MIN_POSITIONS` positions."""
-    return share == 0 or (share <= SPLIT_MAX_DISAGREEMENT and output_positions >= MERGE_MIN_POSITIONS)
+    around the differing filters (measured one-off on Lite0 and ResNet-50 layer shapes at batch 32, CPU: see
+    speed.md's notes). So: a batch whose filters all agree always splits; others while d <= `SPLIT_MAX_DISAGREEMENT`
+    on maps of at least `MERGE_MIN_POSITIONS` positions, and on smaller maps (4x4: the overhead weighs more) while
+    d <= `SPLIT_MAX_DISAGREEMENT_SMALL_MAPS`."""
+    if output_positions < MERGE_MIN_POSITIONS:
+        return share <= SPLIT_MAX_DISAGREEMENT_SMALL_MAPS
+    return share <= SPLIT_MAX_DISAGREEMENT
 
 
 SPLIT_MAX_DISAGREEMENT = 0.5
+SPLIT_MAX_DISAGREEMENT_SMALL_MAPS = 0.1
 
 
 def prefer_merged(op: BankOp, weight: torch.Tensor, output_positions: int, batch: int) -> bool:
