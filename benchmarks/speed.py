@@ -523,10 +523,13 @@ def trained_gates_section(model_dirs: Sequence[Path], settings: Settings) -> lis
     """Inference of trained models (gates as training left them) on real validation images, each against the plain
     backbone of the same architecture (`export_bank("pretrained")`) and its static export (calibrated on 256
     training images), with the accuracy each gets on the validation images."""
+    from hf_adafilter.data import load_default_dataset
+
     torch.set_num_threads(settings.threads)
+    data = load_default_dataset(train_val_split=None)
     rows, notes = [], []
     for model_dir in model_dirs:
-        model_rows, model_notes = _trained_model_rows(Path(model_dir), settings)
+        model_rows, model_notes = _trained_model_rows(Path(model_dir), data, settings)
         rows += model_rows
         notes += model_notes
     targets = "; ".join(f"batch {batch}: {_target_text(f'infer_b{batch}')}" for batch in SERVING_BATCHES)
@@ -544,15 +547,13 @@ def trained_gates_section(model_dirs: Sequence[Path], settings: Settings) -> lis
     return [*header, *rows, "", *notes]
 
 
-def _trained_model_rows(model_dir: Path, settings: Settings) -> tuple[list[str], list[str]]:
+def _trained_model_rows(model_dir: Path, data, settings: Settings) -> tuple[list[str], list[str]]:
+    """One trained model's table rows and notes, on the embedded dataset `data` (loaded once for every model)."""
     from transformers import AutoImageProcessor
-
-    from hf_adafilter.data import load_default_dataset
 
     model = AdaFilterForImageClassification.from_pretrained(model_dir).eval()
     processor = AutoImageProcessor.from_pretrained(model_dir)
     model_type = model.config.backbone_config.model_type
-    data = load_default_dataset(train_val_split=None)
     calibration, _ = _real_pixels(
         (data.require("train"), data.image_column, data.label_column), processor, 256
     )

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bank_ops import BankOp, BankShape
-from .batchnorm_ops import _BatchNorm, fold_batchnorm
+from .batchnorm_ops import _BatchNorm, batchnorm_running_stats, batchnorms_compatible, fold_batchnorm
 from .kernel_choice import disagreeing_filters, prefer_merged, prefer_split, updates_incrementally
 
 
@@ -163,13 +163,12 @@ def live_merged_forward(
     norm statistics (`lerp`, exact for 0/1 gates), then one conv and one eval-mode BatchNorm, the plain layer's own
     two calls. Reading the live tensors sees every edit (through `.data` too) with no check to pay; the price is
     writing one kernel per call, which the cached incremental kernel avoids for large kernels. For 0/1 gates only
-    (a norm does not mix linearly); None where the banks' norms differ in eps or form (the folded path serves)."""
+    (a norm does not mix linearly); None where the banks' norms are not `batchnorms_compatible` (the folded path
+    serves)."""
     finetuned, base, finetuned_norm, base_norm = modules
     if (finetuned.bias is None) != (base.bias is None) or (op.linear and base_norm is not None):
         return None
-    if finetuned_norm is not None and (
-        finetuned_norm.eps != base_norm.eps or (finetuned_norm.weight is None) != (base_norm.weight is None)
-    ):
+    if finetuned_norm is not None and not batchnorms_compatible(finetuned_norm, base_norm):
         return None
     gates = gates[0]
     weight = merge_filters(op.weight(base), op.weight(finetuned), gates.to(base.weight.dtype))
@@ -177,16 +176,16 @@ def live_merged_forward(
     out = op(hidden_states, weight, bias)
     if base_norm is None:
         return out
-    norm = base_norm
-    statistics = (norm.running_mean, norm.running_var, norm.weight, norm.bias)
+    statistics = _eval_norm_tensors(base_norm)
     if finetuned_norm is not None:  # gated norm: each filter's own bank's norm
-        pairs = zip(
-            statistics,
-            (finetuned_norm.running_mean, finetuned_norm.running_var, finetuned_norm.weight, finetuned_norm.bias),
-            strict=True,
-        )
+        pairs = zip(statistics, _eval_norm_tensors(finetuned_norm), strict=True)
         statistics = tuple(s if s is None else merge_filters(s, f, gates.to(s.dtype)) for s, f in pairs)
-    return F.batch_norm(out, *statistics, False, 0.0, norm.eps)
+    return F.batch_norm(out, *statistics, False, 0.0, base_norm.eps)
+
+
+def _eval_norm_tensors(norm: _BatchNorm) -> tuple[torch.Tensor | None, ...]:
+    """(running mean, running variance, weight, bias): what an eval-mode BatchNorm normalises with."""
+    return (*batchnorm_running_stats(norm), norm.weight, norm.bias)
 
 
 _LOCK_CREATION = threading.Lock()
